@@ -1,0 +1,317 @@
+/*
+ * nsa.h — Native Sparse Attention in C. The one public header of libnsa.
+ *
+ * Read top to bottom, this is the manual. The math every function computes is
+ * shared/SPEC.md (the "SPEC" below); section numbers refer to it.
+ *
+ * Conventions
+ *   - Every function that can fail returns nsa_status (0 = NSA_OK, negative = error)
+ *     and leaves a message for nsa_last_error() (per thread).
+ *   - Arrays are dense, row-major, float32 unless said otherwise; shapes are given in
+ *     brackets: x [B,T,E] means x[(b*T + t)*E + e].
+ *   - All pointers passed to and returned from the API are host memory, whatever the
+ *     device: the library copies to and from the device itself.
+ *   - The caller owns what it allocates; objects made by *_create / *_load are freed by
+ *     the matching *_free (which accepts NULL).
+ *   - The library never prints, never exits and never aborts on bad input.
+ */
+#ifndef NSA_H
+#define NSA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32) && defined(NSA_BUILD_SHARED)
+#define NSA_API __declspec(dllexport)
+#elif defined(__GNUC__)
+#define NSA_API __attribute__((visibility("default")))
+#else
+#define NSA_API
+#endif
+
+#define NSA_VERSION_MAJOR 0
+#define NSA_VERSION_MINOR 1
+#define NSA_VERSION_PATCH 0
+NSA_API const char *nsa_version(void);
+
+// ---------------------------------------------------------------------------------------
+// Status codes and errors
+
+typedef enum nsa_status {
+    NSA_OK = 0,
+    NSA_ERR_INVALID = -1,     // an argument or option breaks a rule (the message names it)
+    NSA_ERR_SHAPE = -2,       // an array has the wrong shape or dtype
+    NSA_ERR_NUMERIC = -3,     // NaN or Inf found in input data (or produced by training)
+    NSA_ERR_IO = -4,          // a file could not be opened, read, written or renamed
+    NSA_ERR_FORMAT = -5,      // a file is truncated, corrupt or not what was expected
+    NSA_ERR_NOMEM = -6,       // an allocation failed (host or device)
+    NSA_ERR_BACKEND = -7,     // the device (CUDA, cuBLAS) reported an error
+    NSA_ERR_UNSUPPORTED = -8, // valid request this build cannot serve (e.g. no CUDA)
+    NSA_ERR_INTERRUPTED = -9, // a long call stopped early because it was asked to
+} nsa_status;
+
+// A static string describing a status code ("invalid argument", ...).
+NSA_API const char *nsa_status_str(nsa_status status);
+// The message of the last error raised on this thread ("" if none). Valid until the
+// next failing call on the same thread.
+NSA_API const char *nsa_last_error(void);
+
+// ---------------------------------------------------------------------------------------
+// Configuration (SPEC §1)
+
+typedef enum nsa_compress {
+    NSA_COMPRESS_MEAN = 0, // mean of the l keys/values of a compression block (no params)
+    NSA_COMPRESS_CONV = 1, // per-channel weighted sum, weights [G,l,d], init 1/l
+    NSA_COMPRESS_MLP = 2,  // fc2(GELU(fc1(vec(block + pos)))), the paper's phi
+} nsa_compress;
+
+typedef enum nsa_select_score {
+    NSA_SELECT_MEAN_KEY = 0, // q . mean of the block's causal keys (seed)
+    NSA_SELECT_CMP_ATTN = 1, // compressed-attention probabilities mapped to blocks (paper)
+} nsa_select_score;
+
+typedef enum nsa_select_fixed {
+    NSA_SELECT_FIXED_NONE = 0,
+    NSA_SELECT_FIXED_PAPER = 1, // block 0 and the 2 most recent candidates always selected
+} nsa_select_fixed;
+
+typedef enum nsa_gate {
+    NSA_GATE_STATIC = 0, // softmax of 3 learned scalars per layer
+    NSA_GATE_TOKEN = 1,  // sigmoid(Linear(D -> 3H)) per token and head
+} nsa_gate;
+
+typedef struct nsa_config {
+    int embed_dim;           // E, required (>= 1); nsa_config_default leaves it 0
+    int hidden_size;         // D
+    int num_heads;           // H
+    int head_dim;            // d
+    int window_size;         // w
+    int block_size;          // b
+    int num_selected_blocks; // n
+    int compression_ratio;   // r (stride)
+    int num_layers;          // N
+    double dropout;          // p, 0 <= p < 1
+    int seq_len;             // expected T (sizing hints, benchmarks); any T >= 1 runs
+    int num_kv_heads;        // G; 0 means "= num_heads"
+    int compression_block;   // l; 0 means "= compression_ratio"
+    nsa_compress compress;
+    nsa_select_score select_score;
+    nsa_select_fixed select_fixed;
+    nsa_gate gate;
+    double rope_theta; // 0 = off
+    int vocab_size;    // V; > 0 adds the language-model wrapper (SPEC §5)
+} nsa_config;
+
+// The seed's defaults (SPEC §1 table). embed_dim is left 0: set it before use.
+NSA_API void nsa_config_default(nsa_config *cfg);
+// Same as nsa_config_default (the seed's recommended list).
+NSA_API void nsa_recommended_defaults(nsa_config *cfg);
+// The paper's shape scaled to a small model: G = H/4, l = 32, r = 16, b = 64, n = 16,
+// select_fixed paper, w = 512, compress mlp, select_score cmp_attn, gate token,
+// rope_theta 10000. embed_dim is left 0.
+NSA_API void nsa_paper_defaults(nsa_config *cfg);
+
+// Checks every rule of SPEC §1. On failure returns NSA_ERR_INVALID with a message that
+// names the option, its value and the rule ("num_kv_heads = 3: must divide num_heads (8)").
+NSA_API nsa_status nsa_config_validate(const nsa_config *cfg);
+// The effective G and l (resolving the 0 = default convention).
+NSA_API int nsa_config_kv_heads(const nsa_config *cfg);
+NSA_API int nsa_config_compression_block(const nsa_config *cfg);
+
+// Exact number of trained scalars of the model of SPEC §2 (not embed or lm_head).
+// -1 if the config is invalid (see nsa_last_error).
+NSA_API int64_t nsa_param_count(const nsa_config *cfg);
+// Size of the model's output feature vector (= hidden_size); -1 if invalid.
+NSA_API int64_t nsa_output_size(const nsa_config *cfg);
+
+// Options by their snake_case names (SPEC §1), as strings: what checkpoints store in
+// their metadata and what the command line parses. nsa_config_set accepts the names of
+// nsa_config_option_name(); enum options take their spelled values ("mlp", "cmp_attn",
+// "paper", "token", "none", ...). Errors name the option and the value.
+NSA_API int nsa_config_num_options(void);
+NSA_API const char *nsa_config_option_name(int i);
+NSA_API nsa_status nsa_config_set(nsa_config *cfg, const char *name, const char *value);
+// Writes the value of option `name` into buf (always NUL-terminated).
+NSA_API nsa_status nsa_config_get(const nsa_config *cfg, const char *name, char *buf, size_t buf_size);
+
+// ---------------------------------------------------------------------------------------
+// Context: the device, its threads and handles. No global state lives outside it.
+
+typedef enum nsa_device {
+    NSA_DEVICE_CPU = 0,
+    NSA_DEVICE_CUDA = 1,
+} nsa_device;
+
+typedef struct nsa_context nsa_context;
+
+// num_threads: CPU threads (0 = OpenMP's default). Fails with NSA_ERR_UNSUPPORTED when
+// the device is not compiled in or not present.
+NSA_API nsa_status nsa_context_create(nsa_context **out, nsa_device device, int num_threads);
+NSA_API void nsa_context_free(nsa_context *ctx);
+NSA_API nsa_device nsa_context_device(const nsa_context *ctx);
+// 1 if the device can be used by this build on this machine.
+NSA_API int nsa_device_available(nsa_device device);
+// Parses "cpu" / "cuda".
+NSA_API nsa_status nsa_device_parse(const char *name, nsa_device *out);
+
+// ---------------------------------------------------------------------------------------
+// The model (SPEC §2-§5)
+
+typedef struct nsa_model nsa_model;
+
+// Builds a model for cfg (validated) on ctx, with every parameter zero. The context must
+// outlive the model. Call nsa_model_init or load weights before use.
+NSA_API nsa_status nsa_model_create(nsa_model **out, nsa_context *ctx, const nsa_config *cfg);
+NSA_API void nsa_model_free(nsa_model *model);
+// Initialises every parameter as SPEC §2 says (Glorot-uniform linears, zero biases,
+// LayerNorm ones/zeros, static gates 0, conv 1/l, mlp positions 0; embedding N(0,1)),
+// from a deterministic generator seeded by `seed`.
+NSA_API nsa_status nsa_model_init(nsa_model *model, uint64_t seed);
+NSA_API const nsa_config *nsa_model_config(const nsa_model *model);
+
+// Checkpoints are safetensors files (SPEC §7). nsa_model_load reads the config from the
+// metadata, validates it and every tensor's name, dtype (F32 or BF16) and shape. Truncated,
+// corrupt or absurd files give NSA_ERR_FORMAT; a missing file NSA_ERR_IO.
+NSA_API nsa_status nsa_model_load(nsa_model **out, nsa_context *ctx, const char *path);
+// Writes atomically (temporary file in the same directory, then rename).
+NSA_API nsa_status nsa_model_save(const nsa_model *model, const char *path);
+
+// The parameter table: every trained tensor, in checkpoint order, inside one contiguous
+// buffer (the gradients live in a twin buffer with the same offsets).
+typedef struct nsa_tensor_info {
+    const char *name; // SPEC §7 name, e.g. "layers.0.attn.q_proj.weight"
+    int ndim;
+    int64_t shape[4];
+    size_t offset; // in floats, into the parameter (and gradient) buffer
+    size_t numel;
+    int decay; // 1 if AdamW applies weight decay (matrices; not norms, biases, gates)
+} nsa_tensor_info;
+
+NSA_API size_t nsa_model_num_tensors(const nsa_model *model);
+NSA_API nsa_status nsa_model_tensor(const nsa_model *model, size_t i, nsa_tensor_info *out);
+// Index of the tensor called `name`, or -1.
+NSA_API int64_t nsa_model_find_tensor(const nsa_model *model, const char *name);
+// Total floats in the buffer: param_count plus embed and lm_head when vocab_size > 0.
+NSA_API size_t nsa_model_buffer_size(const nsa_model *model);
+// Copy all parameters (or gradients) to / from host memory of buffer_size floats.
+NSA_API nsa_status nsa_model_get_params(const nsa_model *model, float *dst);
+NSA_API nsa_status nsa_model_set_params(nsa_model *model, const float *src);
+NSA_API nsa_status nsa_model_get_grads(const nsa_model *model, float *dst);
+NSA_API nsa_status nsa_model_zero_grads(nsa_model *model);
+
+// Forward flags.
+#define NSA_FWD_ALL_POSITIONS 1u // output every position [B,T,D] instead of the last [B,D]
+#define NSA_FWD_TRAIN 2u         // dropout on (seeded, see nsa_model_set_rng) and keep the
+                                 // activations that nsa_model_backward needs
+#define NSA_FWD_KEEP 4u          // keep activations for backward, dropout off
+
+// The whole model (Edifice's build): x [B,T,E] -> out [B,D] (last position) or [B,T,D]
+// (NSA_FWD_ALL_POSITIONS). Any T >= 1. NaN/Inf in x gives NSA_ERR_NUMERIC.
+NSA_API nsa_status nsa_model_forward(nsa_model *model, const float *x, int batch, int seq_len,
+                                     unsigned flags, float *out);
+// Backward of the last nsa_model_forward made with NSA_FWD_TRAIN or NSA_FWD_KEEP:
+// dout has the shape of that forward's out. Gradients are accumulated (+=) into the
+// gradient buffer; dx [B,T,E] (may be NULL) is overwritten.
+NSA_API nsa_status nsa_model_backward(nsa_model *model, const float *dout, float *dx);
+
+// One block (Edifice's build_nsa_block), inference: x [B,T,D] -> out [B,T,D].
+NSA_API nsa_status nsa_model_block_forward(nsa_model *model, int layer, const float *x, int batch,
+                                           int seq_len, float *out);
+// The attention layer alone (Edifice's build_nsa_attention), inference, layer `layer`'s
+// weights: z [B,T,D] (the normalised block input) -> out [B,T,D] (after o_proj).
+NSA_API nsa_status nsa_model_attention_forward(nsa_model *model, int layer, const float *z,
+                                               int batch, int seq_len, float *out);
+
+// Dropout randomness: a counter-based generator; (seed, counter) is the whole state,
+// so saving and restoring it continues a run exactly.
+NSA_API void nsa_model_set_rng(nsa_model *model, uint64_t seed, uint64_t counter);
+NSA_API void nsa_model_get_rng(const nsa_model *model, uint64_t *seed, uint64_t *counter);
+
+// ---------------------------------------------------------------------------------------
+// Language model wrapper (SPEC §5); needs vocab_size > 0.
+
+// tokens [B,T] int32 in [0,V) -> logits [B,T,V] (may be NULL) and the mean next-token
+// cross-entropy over the B*(T-1) predictions (loss may be NULL; needs T >= 2).
+// flags: NSA_FWD_TRAIN or NSA_FWD_KEEP keep what nsa_lm_backward needs.
+NSA_API nsa_status nsa_lm_forward(nsa_model *model, const int32_t *tokens, int batch, int seq_len,
+                                  unsigned flags, float *logits, float *loss);
+// Gradient of the loss of the last nsa_lm_forward, times `scale` (1 for a plain step;
+// 1/k for k accumulated micro-batches), accumulated (+=) into the gradient buffer.
+NSA_API nsa_status nsa_lm_backward(nsa_model *model, float scale);
+
+// ---------------------------------------------------------------------------------------
+// The attention op alone (SPEC §6)
+
+typedef struct nsa_attention_desc {
+    int batch;               // B
+    int seq_len;             // T
+    int num_heads;           // H
+    int num_kv_heads;        // G, divides H
+    int head_dim;            // d
+    int block_size;          // b
+    int window_size;         // w
+    int compression_ratio;   // r
+    int compression_block;   // l, multiple of r
+    int num_selected_blocks; // n
+    nsa_select_score select_score;
+    nsa_select_fixed select_fixed;
+    float scale; // 0 = 1/sqrt(d)
+} nsa_attention_desc;
+
+// Fills a desc from a model config (B and T left 0).
+NSA_API void nsa_attention_desc_from_config(nsa_attention_desc *desc, const nsa_config *cfg);
+
+// The three-path attention with mean compression of k and v:
+//   q [B,T,H,d], k, v [B,T,G,d], gates [B,T,H,3] (cmp, slc, win; already activated),
+//   block_indices [B,T,G,n] int32 or NULL (-1 = unused slot; replaces scoring and top-k),
+//   out [B,T,H,d]; indices_out [B,T,G,n] (may be NULL) receives the selection used:
+//   the selected block indices of each (b,t,g) in ascending order, -1 in unused slots.
+// Given block_indices must be, per (b,t,g), distinct candidates (0 <= i, i*b <= t) or -1.
+NSA_API nsa_status nsa_attention_forward(nsa_context *ctx, const nsa_attention_desc *desc,
+                                         const float *q, const float *k, const float *v,
+                                         const float *gates, const int32_t *block_indices,
+                                         float *out, int32_t *indices_out);
+// Its backward (recomputes the forward): dout [B,T,H,d] -> dq [B,T,H,d], dk, dv [B,T,G,d],
+// dgates [B,T,H,3], all overwritten. The selection is not differentiated.
+NSA_API nsa_status nsa_attention_backward(nsa_context *ctx, const nsa_attention_desc *desc,
+                                          const float *q, const float *k, const float *v,
+                                          const float *gates, const int32_t *block_indices,
+                                          const float *dout, float *dq, float *dk, float *dv,
+                                          float *dgates);
+
+// ---------------------------------------------------------------------------------------
+// Arrays as .npy files
+
+typedef enum nsa_dtype {
+    NSA_DTYPE_F32 = 0,
+    NSA_DTYPE_F64 = 1,
+    NSA_DTYPE_I32 = 2,
+    NSA_DTYPE_I64 = 3,
+    NSA_DTYPE_U16 = 4,
+    NSA_DTYPE_BF16 = 5,
+} nsa_dtype;
+
+typedef struct nsa_array {
+    nsa_dtype dtype;
+    int ndim;
+    int64_t shape[8];
+    void *data; // owned; free with nsa_array_free
+} nsa_array;
+
+NSA_API size_t nsa_dtype_size(nsa_dtype dtype);
+NSA_API int64_t nsa_array_numel(const nsa_array *a);
+// Reads a little-endian, C-order .npy (versions 1-3) of f4, f8, i4, i8, u2. Malformed,
+// truncated or unsupported files give NSA_ERR_FORMAT with the reason.
+NSA_API nsa_status nsa_npy_load(const char *path, nsa_array *out);
+// Writes atomically (temporary name, then rename).
+NSA_API nsa_status nsa_npy_save(const char *path, const nsa_array *a);
+NSA_API void nsa_array_free(nsa_array *a);
+
+#ifdef __cplusplus
+}
+#endif
+#endif // NSA_H
