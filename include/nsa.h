@@ -195,7 +195,8 @@ NSA_API size_t nsa_model_num_tensors(const nsa_model *model);
 NSA_API nsa_status nsa_model_tensor(const nsa_model *model, size_t i, nsa_tensor_info *out);
 // Index of the tensor called `name`, or -1.
 NSA_API int64_t nsa_model_find_tensor(const nsa_model *model, const char *name);
-// Total floats in the buffer: param_count plus embed and lm_head when vocab_size > 0.
+// Total floats in the buffer: param_count plus embed and lm_head when vocab_size > 0,
+// plus alignment gaps (each tensor starts on a 64-byte boundary; gaps stay zero).
 NSA_API size_t nsa_model_buffer_size(const nsa_model *model);
 // Copy all parameters (or gradients) to / from host memory of buffer_size floats.
 NSA_API nsa_status nsa_model_get_params(const nsa_model *model, float *dst);
@@ -242,6 +243,169 @@ NSA_API nsa_status nsa_lm_forward(nsa_model *model, const int32_t *tokens, int b
 // Gradient of the loss of the last nsa_lm_forward, times `scale` (1 for a plain step;
 // 1/k for k accumulated micro-batches), accumulated (+=) into the gradient buffer.
 NSA_API nsa_status nsa_lm_backward(nsa_model *model, float scale);
+
+// As nsa_lm_forward, with per-position loss weights [B,T] (weight[b,t] weighs the
+// prediction of tokens[b,t+1] made at position t; the last position's weight is unused):
+// loss = sum(w * ce) / sum(w). NULL weights = all ones. nsa_lm_backward follows it too.
+NSA_API nsa_status nsa_lm_forward_weighted(nsa_model *model, const int32_t *tokens,
+                                           const float *weights, int batch, int seq_len,
+                                           unsigned flags, float *logits, float *loss);
+
+// ---------------------------------------------------------------------------------------
+// Optimisation: AdamW with global-norm clipping and a warmup + cosine learning rate.
+
+typedef struct nsa_optim_config {
+    double lr;            // peak learning rate (default 3e-3)
+    double min_lr;        // floor of the cosine decay (default lr / 10)
+    int warmup_steps;     // linear warmup from 0 (default 100)
+    int total_steps;      // length of the schedule (default 1000)
+    double beta1, beta2;  // default 0.9, 0.95
+    double eps;           // default 1e-8
+    double weight_decay;  // decoupled; matrices only (not norms, biases, gates); default 0.1
+    double clip_norm;     // clip the global gradient norm to this; 0 = off; default 1.0
+} nsa_optim_config;
+
+NSA_API void nsa_optim_config_default(nsa_optim_config *cfg);
+NSA_API nsa_status nsa_optim_config_validate(const nsa_optim_config *cfg);
+// The learning rate of step `step` (0-based): warmup then cosine decay to min_lr.
+NSA_API double nsa_optim_lr(const nsa_optim_config *cfg, int64_t step);
+
+typedef struct nsa_optimizer nsa_optimizer;
+
+NSA_API nsa_status nsa_optimizer_create(nsa_optimizer **out, nsa_model *model,
+                                        const nsa_optim_config *cfg);
+NSA_API void nsa_optimizer_free(nsa_optimizer *opt);
+// One step from the model's gradient buffer (as accumulated by the backward calls; the
+// caller zeroes it between steps): clip, AdamW update with the schedule's lr. Reports the
+// gradient norm before clipping and the lr used (either may be NULL). A NaN/Inf gradient
+// gives NSA_ERR_NUMERIC and leaves the parameters unchanged.
+NSA_API nsa_status nsa_optimizer_step(nsa_optimizer *opt, double *grad_norm, double *lr);
+NSA_API int64_t nsa_optimizer_num_steps(const nsa_optimizer *opt);
+// The training state — the model's parameters, the moments and the step — as one
+// safetensors file, written atomically, with extra metadata key/value strings (the trainer
+// stores its RNG state and data position). One file, so a resume never mixes steps.
+NSA_API nsa_status nsa_optimizer_save(const nsa_optimizer *opt, const char *path,
+                                      const char *const *keys, const char *const *values,
+                                      int num_meta);
+// Restores the state, the model's parameters included; the file must match the model's
+// parameter buffer size.
+NSA_API nsa_status nsa_optimizer_load(nsa_optimizer *opt, const char *path);
+// Metadata value of an optimizer file written by nsa_optimizer_save (copied into buf).
+NSA_API nsa_status nsa_optimizer_file_meta(const char *path, const char *key, char *buf,
+                                           size_t buf_size);
+
+// Forces the gates of every layer to fixed values (g_cmp, g_slc, g_win), each in [0,1] and
+// summing to 1, instead of the learned ones (which then get no gradient): e.g. {0, 0, 1} trains and runs
+// the model with the sliding window alone, the baseline NSA is compared against. NULL
+// restores the learned gates.
+NSA_API nsa_status nsa_model_set_gate_override(nsa_model *model, const float *gates3);
+
+// ---------------------------------------------------------------------------------------
+// Training data
+
+typedef struct nsa_dataset nsa_dataset;
+
+// Token data from a file, chosen by its name:
+//   *.npy  — int32, int64 or uint16 token ids (any shape, read flat);
+//   *.bin  — raw little-endian uint16 token ids (what GPT data pipelines write);
+//   anything else — the file's bytes, vocabulary 256.
+// vocab_size: the model's vocabulary; every token must be below it (the error names the
+// first offender). The file must hold at least 2 tokens.
+NSA_API nsa_status nsa_dataset_load(nsa_dataset **out, const char *path, int vocab_size);
+NSA_API void nsa_dataset_free(nsa_dataset *ds);
+NSA_API int64_t nsa_dataset_num_tokens(const nsa_dataset *ds);
+// Token i (0 <= i < num_tokens).
+NSA_API int32_t nsa_dataset_token(const nsa_dataset *ds, int64_t i);
+
+// ---------------------------------------------------------------------------------------
+// The built-in task: long-context key-value retrieval
+//
+// A sequence of seq_len tokens: random filler with num_pairs "pair tokens" scattered
+// through its first part — each says "key k holds value v" — then num_queries queries of
+// 3 tokens: the marker, a key of a pair, and that key's value, which the model must
+// predict. Every pair lies more than `min_distance` tokens before the queries, so a sliding window of at most that size
+// cannot see it: only long-range retrieval answers better than chance (1/num_values).
+// Token ids: 0 = query marker, [1, 1+K) keys, [1+K, 1+K+V) values, then K*V pair tokens
+// (key k, value v at 1+K+V + k*V + v), the rest up to vocab_size filler.
+
+typedef struct nsa_task_config {
+    int seq_len;      // default 256
+    int num_pairs;    // default 4
+    int num_keys;     // K, default 8 (at most 4096)
+    int num_values;   // V, default 8 (at most 4096)
+    int vocab_size;   // default 96
+    int min_distance; // default 64: pairs lie more than this before the first query
+    int num_queries;  // default 4, at most num_pairs: distinct pairs asked at the end
+} nsa_task_config;
+
+NSA_API void nsa_task_config_default(nsa_task_config *cfg);
+NSA_API nsa_status nsa_task_config_validate(const nsa_task_config *cfg);
+// Sequence number `index` of the stream `seed` (deterministic): tokens [seq_len] ending
+// with the queries; loss weights [seq_len] (may be NULL): 1 at each query's key, the
+// position that predicts the answer, 0 elsewhere; *answer (may be NULL) = the last answer
+// (tokens[seq_len-1]). Accuracy = share of weighted positions whose argmax is the answer.
+NSA_API nsa_status nsa_task_sample(const nsa_task_config *cfg, uint64_t seed, uint64_t index,
+                                   int32_t *tokens, float *weights, int32_t *answer);
+
+// ---------------------------------------------------------------------------------------
+// The training loop (what `nsa train` runs)
+
+typedef struct nsa_train_progress {
+    int64_t step, total_steps;
+    double loss;          // training loss of this step
+    double val_loss;      // last validation loss (NAN before the first evaluation)
+    double val_accuracy;  // retrieval task: last held-out accuracy (NAN otherwise)
+    double lr, grad_norm;
+    double tokens_per_second; // over the run so far (this process)
+    double elapsed_seconds;
+    int evaluated;        // 1 when val_loss was computed at this step
+    int checkpointed;     // 1 when a checkpoint was written at this step
+} nsa_train_progress;
+
+typedef struct nsa_train_options {
+    const char *data_path; // NULL: the built-in retrieval task (task below)
+    nsa_task_config task;
+    int batch_size;        // default 16
+    int seq_len;           // default 256 (data files; the task uses task.seq_len)
+    int64_t steps;         // default 1000 (total, counting steps done before a resume)
+    int grad_accum;        // micro-batches per step, default 1
+    nsa_optim_config optim;
+    uint64_t seed;         // data order, dropout, init (default 0)
+    double val_fraction;   // share of a data file held out, default 0.1
+    int eval_every;        // steps between validations, default 100 (0 = only at the end)
+    int eval_batches;      // batches per validation, default 8
+    int checkpoint_every;  // steps between checkpoints, default 500 (0 = only at the end)
+    const char *out_path;  // checkpoint (model); the optimizer state goes to out_path + ".opt"
+    int resume;            // continue from out_path (and its .opt) exactly
+    const char *log_path;  // CSV of every step (NULL = none)
+    // Called after every step (may be NULL).
+    void (*on_step)(const nsa_train_progress *progress, void *user);
+    void *user;
+    // Polled between steps: when non-zero the loop checkpoints and returns
+    // NSA_ERR_INTERRUPTED (SIGINT handlers set it).
+    volatile int *stop;
+} nsa_train_options;
+
+NSA_API void nsa_train_options_default(nsa_train_options *opts);
+
+typedef struct nsa_train_result {
+    int64_t steps_done;
+    double final_loss, val_loss, val_accuracy; // val_accuracy: retrieval task only
+    double tokens_per_second;
+} nsa_train_result;
+
+// Trains `model` (freshly initialised by the caller, or loaded) as `opts` say. With
+// opts->resume the model's weights, the optimizer state, the step, the RNG and the data
+// position are restored from out_path; the run then ends exactly as an uninterrupted one.
+NSA_API nsa_status nsa_train(nsa_model *model, const nsa_train_options *opts,
+                             nsa_train_result *result);
+
+// Validation of a model on a file (loss over consecutive windows of seq_len tokens, up to
+// max_tokens of them, 0 = all) or on the retrieval task (max_tokens / seq_len sequences):
+// mean next-token loss and, for the task, answer accuracy (NAN for files).
+NSA_API nsa_status nsa_evaluate(nsa_model *model, const char *data_path, const nsa_task_config *task,
+                                int batch_size, int seq_len, int64_t max_tokens, double *loss,
+                                double *accuracy);
 
 // ---------------------------------------------------------------------------------------
 // The attention op alone (SPEC §6)

@@ -141,11 +141,11 @@ struct nsa__backend_ops {
     nsa_status (*embedding_backward)(nsa_context *ctx, float *dtable, const int32_t *tokens,
                                      const float *dout, int M, int E);
     // Next-token cross-entropy over logits [B,T,V]: position t < T-1 predicts tokens[t+1].
-    // losses [B*T] = per-position loss (0 at t = T-1); dlogits (may be NULL) [B,T,V] =
-    // scale * d(mean loss)/dlogits.
+    // losses [B*T] = weight * per-position loss (0 at t = T-1); weights [B*T] or NULL (1);
+    // dlogits (may be NULL) [B,T,V] = scale * weight * d(loss)/dlogits.
     nsa_status (*cross_entropy)(nsa_context *ctx, float *losses, float *dlogits,
-                                const float *logits, const int32_t *tokens, int B, int T, int V,
-                                float scale);
+                                const float *logits, const int32_t *tokens, const float *weights,
+                                int B, int T, int V, float scale);
 
     // ---- optimizer
     // sum of squares of x[n] into *result (host, double).

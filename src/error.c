@@ -7,6 +7,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 static _Thread_local char last_error[1024];
 
@@ -39,10 +40,14 @@ const char *nsa_last_error(void)
 
 nsa_status nsa__error(nsa_status status, const char *fmt, ...)
 {
+    // Format into a temporary first: callers may pass nsa_last_error() itself as an
+    // argument (to prefix a lower-level message with context).
+    char message[sizeof last_error];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(last_error, sizeof last_error, fmt, ap);
+    vsnprintf(message, sizeof message, fmt, ap);
     va_end(ap);
+    memcpy(last_error, message, sizeof last_error);
     return status;
 }
 

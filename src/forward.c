@@ -77,6 +77,7 @@ static size_t num_cmp_tokens(const nsa_model *m, int T)
 
 void nsa__model_release_acts(nsa_model *m)
 {
+    // (the gate override is not an activation: nsa_model_free releases it)
     if (m->act_mem)
         m->ctx->ops->free(m->ctx, m->act_mem);
     free(m->acts);
@@ -119,10 +120,12 @@ static size_t layout_all(nsa_model *m, char *base, size_t M, size_t Mc, int keep
     }
     m->logits = m->losses = m->dlogits = NULL;
     m->tokens = NULL;
+    m->weights = NULL;
     if (lm) {
         m->logits = TAKE_F(&c, M * V);
         m->losses = TAKE_F(&c, M);
         m->tokens = (int32_t *)take(&c, M * sizeof(int32_t));
+        m->weights = TAKE_F(&c, M);
         if (keep)
             m->dlogits = TAKE_F(&c, M * V);
     }
@@ -233,7 +236,9 @@ static nsa_status attention_forward(nsa_model *m, int li, layer_acts *a, int B, 
         NSA_TRY(ops->compress_forward(ctx, a->kc, a->k, wk, B, T, G, d, l, r));
         NSA_TRY(ops->compress_forward(ctx, a->vc, a->v, wv, B, T, G, d, l, r));
     }
-    if (cfg->gate == NSA_GATE_STATIC) {
+    if (m->gate_override) {
+        NSA_TRY(ops->gate_forward(ctx, a->gates, m->gate_override, M, H, NSA_GATE_STATIC));
+    } else if (cfg->gate == NSA_GATE_STATIC) {
         NSA_TRY(ops->gate_forward(ctx, a->gates, P(L->gate), M, H, NSA_GATE_STATIC));
     } else {
         NSA_TRY(ops->linear_forward(ctx, a->gate_logits, a->ln1, P(L->gate_w), P(L->gate_b), M, D,
@@ -317,7 +322,9 @@ static nsa_status layer_backward(nsa_model *m, int li, const float *x, float *dy
                                a->o_paths, a->lse, g->attn, g->q, g->k, g->v, g->kc, g->vc,
                                g->gates));
     float ln1_beta = 0.0f; // the first product into g->ln1 overwrites it
-    if (cfg->gate == NSA_GATE_STATIC) {
+    if (m->gate_override) {
+        // forced gates: no gradient for the gate parameters
+    } else if (cfg->gate == NSA_GATE_STATIC) {
         NSA_TRY(ops->gate_backward(ctx, DP(L->gate), g->gates, a->gates, M, H, NSA_GATE_STATIC));
     } else {
         NSA_TRY(ops->gate_backward(ctx, g->gate_logits, g->gates, a->gates, M, H, NSA_GATE_TOKEN));
@@ -542,6 +549,12 @@ nsa_status nsa_model_attention_forward(nsa_model *m, int layer, const float *z, 
 nsa_status nsa_lm_forward(nsa_model *m, const int32_t *tokens, int B, int T, unsigned flags,
                           float *logits, float *loss)
 {
+    return nsa_lm_forward_weighted(m, tokens, NULL, B, T, flags, logits, loss);
+}
+
+nsa_status nsa_lm_forward_weighted(nsa_model *m, const int32_t *tokens, const float *weights,
+                                   int B, int T, unsigned flags, float *logits, float *loss)
+{
     if (!m || !tokens)
         return nsa__error(NSA_ERR_INVALID, "nsa_lm_forward: model and tokens must not be NULL");
     const nsa_config *cfg = &m->cfg;
@@ -550,18 +563,34 @@ nsa_status nsa_lm_forward(nsa_model *m, const int32_t *tokens, int B, int T, uns
                                            "wrapper (vocab_size = 0)");
     if (B < 1 || T < 1 || (double)B * T > 1e9)
         return nsa__error(NSA_ERR_SHAPE, "batch = %d, seq_len = %d: both must be >= 1", B, T);
-    if (loss && T < 2)
+    int keep = (flags & (NSA_FWD_TRAIN | NSA_FWD_KEEP)) != 0;
+    if ((loss || keep) && T < 2)
         return nsa__error(NSA_ERR_SHAPE, "seq_len = %d: the next-token loss needs at least 2", T);
     size_t M = (size_t)B * T, V = cfg->vocab_size, E = cfg->embed_dim, D = cfg->hidden_size;
     for (size_t i = 0; i < M; i++)
         if (tokens[i] < 0 || tokens[i] >= cfg->vocab_size)
             return nsa__error(NSA_ERR_INVALID, "tokens[%zu] = %d: must be in [0, %d)", i,
                               (int)tokens[i], cfg->vocab_size);
-    int keep = (flags & (NSA_FWD_TRAIN | NSA_FWD_KEEP)) != 0;
+    double weight_sum = (double)B * (T - 1);
+    if (weights) {
+        weight_sum = 0.0;
+        for (size_t i = 0; i < M; i++) {
+            if (!(weights[i] >= 0.0f) || !isfinite(weights[i]))
+                return nsa__error(NSA_ERR_INVALID, "weights[%zu] = %g: must be finite and >= 0",
+                                  i, (double)weights[i]);
+            if ((int)(i % (size_t)T) != T - 1)
+                weight_sum += weights[i];
+        }
+        if (weight_sum <= 0.0)
+            return nsa__error(NSA_ERR_INVALID, "loss weights are all zero");
+    }
     m->act_valid = 0;
     NSA_TRY(nsa__model_reserve(m, B, T, keep, 1));
     const nsa__backend_ops *ops = m->ctx->ops;
     NSA_TRY(ops->upload(m->ctx, m->tokens, tokens, M * sizeof(int32_t)));
+    if (weights)
+        NSA_TRY(ops->upload(m->ctx, m->weights, weights, M * sizeof(float)));
+    const float *dev_weights = weights ? m->weights : NULL;
     NSA_TRY(ops->embedding_forward(m->ctx, m->x_in, m->tokens, P(m->embed), (int)M, (int)E));
     NSA_TRY(run_body(m, B, T, flags | NSA_FWD_ALL_POSITIONS));
     NSA_TRY(ops->linear_forward(m->ctx, m->logits, m->final, P(m->lm_w), P(m->lm_b), (int)M,
@@ -569,14 +598,16 @@ nsa_status nsa_lm_forward(nsa_model *m, const int32_t *tokens, int B, int T, uns
     if (logits)
         NSA_TRY(ops->download(m->ctx, logits, m->logits, M * V * sizeof(float)));
     if (loss) {
-        NSA_TRY(ops->cross_entropy(m->ctx, m->losses, NULL, m->logits, m->tokens, B, T, (int)V,
-                                   1.0f));
+        NSA_TRY(ops->cross_entropy(m->ctx, m->losses, NULL, m->logits, m->tokens, dev_weights, B,
+                                   T, (int)V, 1.0f));
         NSA_TRY(ops->download(m->ctx, m->host_losses, m->losses, M * sizeof(float)));
         double s = 0.0;
         for (size_t i = 0; i < M; i++)
             s += m->host_losses[i];
-        *loss = (float)(s / ((double)B * (T - 1)));
+        *loss = (float)(s / weight_sum);
     }
+    m->weight_sum = weight_sum;
+    m->has_weights = weights != NULL;
     m->act_valid = keep ? 2 : 0; // 2: an LM forward
     return NSA_OK;
 }
@@ -593,10 +624,45 @@ nsa_status nsa_lm_backward(nsa_model *m, float scale)
     const nsa__backend_ops *ops = m->ctx->ops;
     const nsa_config *cfg = &m->cfg;
     int B = m->act_B, T = m->act_T, M = B * T, V = cfg->vocab_size, D = cfg->hidden_size;
-    NSA_TRY(ops->cross_entropy(m->ctx, m->losses, m->dlogits, m->logits, m->tokens, B, T, V,
-                               scale));
+    NSA_TRY(ops->cross_entropy(m->ctx, m->losses, m->dlogits, m->logits, m->tokens,
+                               m->has_weights ? m->weights : NULL, B, T, V,
+                               (float)(scale / m->weight_sum)));
     NSA_TRY(ops->linear_backward(m->ctx, m->d_a, 0.0f, DP(m->lm_w), DP(m->lm_b), m->dlogits,
                                  m->final, P(m->lm_w), M, D, V));
     NSA_TRY(backward_body(m, 1));
     return ops->embedding_backward(m->ctx, DP(m->embed), m->tokens, m->d_x, M, cfg->embed_dim);
+}
+
+// ---------------------------------------------------------------------------------------
+// Gate override
+
+nsa_status nsa_model_set_gate_override(nsa_model *m, const float *gates3)
+{
+    if (!m)
+        return nsa__error(NSA_ERR_INVALID, "nsa_model_set_gate_override: model is NULL");
+    m->act_valid = 0;
+    if (!gates3) {
+        if (m->gate_override)
+            m->ctx->ops->free(m->ctx, m->gate_override);
+        m->gate_override = NULL;
+        return NSA_OK;
+    }
+    for (int c = 0; c < 3; c++)
+        if (!(gates3[c] >= 0.0f && gates3[c] <= 1.0f))
+            return nsa__error(NSA_ERR_INVALID, "gate override[%d] = %g: must be in [0, 1]", c,
+                              (double)gates3[c]);
+    // Stored as logits log(g) for the static gate's softmax, which gives back g exactly
+    // when the three sum to 1 (log 0 = -inf gives an exact 0).
+    float sum = gates3[0] + gates3[1] + gates3[2];
+    if (!(sum > 0.0f))
+        return nsa__error(NSA_ERR_INVALID, "gate override: at least one gate must be > 0");
+    if (fabsf(sum - 1.0f) > 1e-6f)
+        return nsa__error(NSA_ERR_INVALID, "gate override: the three gates must sum to 1 (got %g)",
+                          (double)sum);
+    float logits[3];
+    for (int c = 0; c < 3; c++)
+        logits[c] = gates3[c] > 0.0f ? logf(gates3[c]) : -INFINITY;
+    if (!m->gate_override)
+        NSA_TRY(m->ctx->ops->alloc(m->ctx, (void **)&m->gate_override, 3 * sizeof(float)));
+    return m->ctx->ops->upload(m->ctx, m->gate_override, logits, 3 * sizeof(float));
 }

@@ -212,6 +212,7 @@ void nsa_model_free(nsa_model *m)
     if (!m)
         return;
     nsa__model_release_acts(m);
+    nsa_model_set_gate_override(m, NULL);
     if (m->params)
         m->ctx->ops->free(m->ctx, m->params);
     if (m->grads)

@@ -49,6 +49,7 @@ struct nsa_model {
     layer_offsets *layers;
 
     uint64_t rng_seed, rng_counter;
+    float *gate_override; // device [3] logits (log of the forced gates), or NULL
 
     // Activations, sized for `cap_rows` = B*T rows and `cap_layers` kept layers.
     int act_B, act_T;       // shape of the last forward
@@ -66,6 +67,9 @@ struct nsa_model {
     float *d_a, *d_b, *d_x; // [M,D], [M,D], [M,E] backward
     float *logits, *losses, *dlogits; // LM: [M,V], [M], [M,V]
     int32_t *tokens;        // LM: [M]
+    float *weights;         // LM: [M] loss weights
+    double weight_sum;      // LM: sum of the loss weights of the last forward
+    int has_weights;        // LM: the last forward had loss weights
     float *host_losses;     // [M] host
 };
 

@@ -66,6 +66,50 @@ static nsa_status cpu_has_nonfinite(nsa_context *ctx, const float *x, size_t n, 
 // ---------------------------------------------------------------------------------------
 // Dense
 
+// OpenBLAS runs single-threaded (see nsa__cpu_backend_init) and the products are split
+// over the OpenMP threads here: one thread pool, no two pools spinning against each other.
+
+// The [start, end) share of n items for this thread, in multiples of `align`.
+static void thread_share(int n, int align, int *start, int *end)
+{
+    int threads = omp_get_num_threads(), id = omp_get_thread_num();
+    int chunks = (n + align - 1) / align;
+    int lo = (int)((long)chunks * id / threads), hi = (int)((long)chunks * (id + 1) / threads);
+    *start = lo * align < n ? lo * align : n;
+    *end = hi * align < n ? hi * align : n;
+}
+
+// C[M,N] = alpha op(A) op(B) + beta C, rows of C split over the threads (or its columns
+// when there are few rows).
+static void gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int M, int N, int K, const float *A,
+                 int lda, const float *B, int ldb, float beta, float *C, int ldc)
+{
+    if (M == 0 || N == 0)
+        return;
+    long work = (long)M * N * (K > 0 ? K : 1);
+    if (work < 32768 || omp_get_max_threads() == 1) {
+        cblas_sgemm(CblasRowMajor, ta, tb, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    int split_rows = M >= 4 * omp_get_max_threads() || M >= N;
+#pragma omp parallel
+    {
+        int lo, hi;
+        thread_share(split_rows ? M : N, split_rows ? 4 : 16, &lo, &hi);
+        if (hi > lo) {
+            if (split_rows) {
+                const float *a = ta == CblasNoTrans ? A + (size_t)lo * lda : A + lo;
+                cblas_sgemm(CblasRowMajor, ta, tb, hi - lo, N, K, 1.0f, a, lda, B, ldb, beta,
+                            C + (size_t)lo * ldc, ldc);
+            } else {
+                const float *b = tb == CblasNoTrans ? B + lo : B + (size_t)lo * ldb;
+                cblas_sgemm(CblasRowMajor, ta, tb, M, hi - lo, K, 1.0f, A, lda, b, ldb, beta,
+                            C + lo, ldc);
+            }
+        }
+    }
+}
+
 static nsa_status cpu_linear_forward(nsa_context *ctx, float *y, const float *x, const float *W,
                                      const float *bias, int M, int n_in, int n_out)
 {
@@ -79,7 +123,7 @@ static nsa_status cpu_linear_forward(nsa_context *ctx, float *y, const float *x,
             memcpy(y + (size_t)m * n_out, bias, (size_t)n_out * sizeof(float));
         beta = 1.0f;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, n_out, n_in, 1.0f, x, n_in, W, n_in, beta, y, n_out);
+    gemm(CblasNoTrans, CblasTrans, M, n_out, n_in, x, n_in, W, n_in, beta, y, n_out);
     return NSA_OK;
 }
 
@@ -91,11 +135,9 @@ static nsa_status cpu_linear_backward(nsa_context *ctx, float *dx, float dx_beta
     if (M == 0)
         return NSA_OK;
     if (dx)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, n_in, n_out, 1.0f, dy, n_out, W, n_in,
-                    dx_beta, dx, n_in);
+        gemm(CblasNoTrans, CblasNoTrans, M, n_in, n_out, dy, n_out, W, n_in, dx_beta, dx, n_in);
     if (dW)
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n_out, n_in, M, 1.0f, dy, n_out, x, n_in, 1.0f,
-                    dW, n_in);
+        gemm(CblasTrans, CblasNoTrans, n_out, n_in, M, dy, n_out, x, n_in, 1.0f, dW, n_in);
     if (dbias) {
 #pragma omp parallel for schedule(static)
         for (int o = 0; o < n_out; o++) {
@@ -446,11 +488,10 @@ static nsa_status cpu_embedding_backward(nsa_context *ctx, float *dtable, const 
 }
 
 static nsa_status cpu_cross_entropy(nsa_context *ctx, float *losses, float *dlogits,
-                                    const float *logits, const int32_t *tokens, int B, int T,
-                                    int V, float scale)
+                                    const float *logits, const int32_t *tokens,
+                                    const float *weights, int B, int T, int V, float scale)
 {
     (void)ctx;
-    double count = (double)B * (T - 1);
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++) {
         for (int t = 0; t < T; t++) {
@@ -464,6 +505,7 @@ static nsa_status cpu_cross_entropy(nsa_context *ctx, float *losses, float *dlog
                 continue;
             }
             int target = tokens[row + 1];
+            float w = weights ? weights[row] : 1.0f;
             float mx = z[0];
             for (int i = 1; i < V; i++)
                 mx = z[i] > mx ? z[i] : mx;
@@ -471,9 +513,9 @@ static nsa_status cpu_cross_entropy(nsa_context *ctx, float *losses, float *dlog
             for (int i = 0; i < V; i++)
                 s += exp((double)z[i] - mx);
             double lse = mx + log(s);
-            losses[row] = (float)(lse - z[target]);
+            losses[row] = w * (float)(lse - z[target]);
             if (dz) {
-                float f = (float)(scale / count);
+                float f = scale * w;
                 for (int i = 0; i < V; i++)
                     dz[i] = (float)exp((double)z[i] - lse) * f;
                 dz[target] -= f;
@@ -580,10 +622,10 @@ nsa_status nsa__cpu_backend_init(nsa_context *ctx, int num_threads)
     if (num_threads < 0)
         return nsa__error(NSA_ERR_INVALID, "num_threads = %d: must be >= 0 (0 = default)",
                           num_threads);
-    if (num_threads > 0) {
+    if (num_threads > 0)
         omp_set_num_threads(num_threads);
-        openblas_set_num_threads(num_threads);
-    }
+    // BLAS calls are split over OpenMP threads by the backend itself (gemm above).
+    openblas_set_num_threads(1);
     ctx->num_threads = num_threads > 0 ? num_threads : omp_get_max_threads();
     ctx->ops = &cpu_ops;
     ctx->impl = NULL;
