@@ -60,3 +60,6 @@ asan:
 
 clean:
 	rm -rf $(BUILD) build
+
+# The CUDA backend (built only by `make cuda`, when nvcc is present): see cuda.mk.
+-include cuda.mk

@@ -43,6 +43,7 @@ typedef struct cli_command {
 int cmd_info(int argc, char **argv);
 int cmd_init(int argc, char **argv);
 int cmd_forward(int argc, char **argv);
+int cmd_grad(int argc, char **argv);
 
 // ---------------------------------------------------------------------------------------
 // Flags of one command

@@ -14,6 +14,7 @@ static const cli_command commands[] = {
     {"info", cmd_info, "print a config (or a checkpoint's): options, param_count, tensors"},
     {"init", cmd_init, "create a model initialised from a seed and save it as a checkpoint"},
     {"forward", cmd_forward, "run a checkpoint on a .npy input and write the output .npy"},
+    {"grad", cmd_grad, "gradients of a language model's loss on tokens, as safetensors"},
 };
 
 static const size_t num_commands = sizeof commands / sizeof commands[0];
