@@ -28,6 +28,11 @@ typedef struct nsa__attn_dims {
     nsa_select_score select_score;
     nsa_select_fixed select_fixed;
     float scale;
+    // Queries only at positions [q_start, T) (cached generation: q_start = T - 1): then q,
+    // gates, out, o_paths, lse and idx hold T - q_start rows per batch entry, while k, v,
+    // kc, vc hold all T (Tc). 0 for training and full forwards. Forward only; a backend
+    // that does not support q_start > 0 returns NSA_ERR_UNSUPPORTED.
+    int q_start;
 } nsa__attn_dims;
 
 void nsa__attn_dims_init(nsa__attn_dims *dims, const nsa_attention_desc *desc);
@@ -87,10 +92,10 @@ struct nsa__backend_ops {
     // hash of (seed, stream, i) — the same mask for forward and backward, no mask stored.
     nsa_status (*dropout)(nsa_context *ctx, float *x, size_t n, float p, uint64_t seed,
                           uint64_t stream);
-    // Rotary embedding in place on x [B*T, nh, d] with position t = row % T; inverse when
-    // `inverse` (the backward of the rotation).
-    nsa_status (*rope)(nsa_context *ctx, float *x, int B, int T, int nh, int d, double theta,
-                       int inverse);
+    // Rotary embedding in place on x [B*T, nh, d] with position pos0 + (row % T); inverse
+    // when `inverse` (the backward of the rotation). pos0 > 0 serves cached generation.
+    nsa_status (*rope)(nsa_context *ctx, float *x, int B, int T, int pos0, int nh, int d,
+                       double theta, int inverse);
 
     // ---- compression (SPEC §3.1), x [B,T,G,d] -> xc [B,Tc,G,d]
     // Weighted sum over each block of l positions with stride r; W [G,l,d] or NULL for the

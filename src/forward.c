@@ -212,8 +212,8 @@ static nsa_status attention_forward(nsa_model *m, int li, layer_acts *a, int B, 
     NSA_TRY(ops->linear_forward(ctx, a->k, a->ln1, P(L->k_w), P(L->k_b), M, D, G * d));
     NSA_TRY(ops->linear_forward(ctx, a->v, a->ln1, P(L->v_w), P(L->v_b), M, D, G * d));
     if (cfg->rope_theta > 0.0) {
-        NSA_TRY(ops->rope(ctx, a->q, B, T, H, d, cfg->rope_theta, 0));
-        NSA_TRY(ops->rope(ctx, a->k, B, T, G, d, cfg->rope_theta, 0));
+        NSA_TRY(ops->rope(ctx, a->q, B, T, 0, H, d, cfg->rope_theta, 0));
+        NSA_TRY(ops->rope(ctx, a->k, B, T, 0, G, d, cfg->rope_theta, 0));
     }
     if (cfg->compress == NSA_COMPRESS_MLP) {
         if (Mc > 0) {
@@ -357,8 +357,8 @@ static nsa_status layer_backward(nsa_model *m, int li, const float *x, float *dy
                                        conv ? P(L->cv_w) : NULL, B, T, G, d, l, r));
     }
     if (cfg->rope_theta > 0.0) {
-        NSA_TRY(ops->rope(ctx, g->q, B, T, H, d, cfg->rope_theta, 1));
-        NSA_TRY(ops->rope(ctx, g->k, B, T, G, d, cfg->rope_theta, 1));
+        NSA_TRY(ops->rope(ctx, g->q, B, T, 0, H, d, cfg->rope_theta, 1));
+        NSA_TRY(ops->rope(ctx, g->k, B, T, 0, G, d, cfg->rope_theta, 1));
     }
     NSA_TRY(ops->linear_backward(ctx, g->ln1, ln1_beta, DP(L->q_w), DP(L->q_b), g->q, a->ln1,
                                  P(L->q_w), M, D, H * d));

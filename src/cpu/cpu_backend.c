@@ -273,15 +273,15 @@ static nsa_status cpu_dropout(nsa_context *ctx, float *x, size_t n, float p, uin
     return NSA_OK;
 }
 
-static nsa_status cpu_rope(nsa_context *ctx, float *x, int B, int T, int nh, int d, double theta,
-                           int inverse)
+static nsa_status cpu_rope(nsa_context *ctx, float *x, int B, int T, int pos0, int nh, int d,
+                           double theta, int inverse)
 {
     (void)ctx;
     int half = d / 2;
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
         for (int i = 0; i < half; i++) {
-            double angle = (double)t * pow(theta, -2.0 * i / d);
+            double angle = (double)(pos0 + t) * pow(theta, -2.0 * i / d);
             float c = (float)cos(angle), s = (float)sin(angle);
             if (inverse)
                 s = -s;
