@@ -15,59 +15,45 @@
 // ---------------------------------------------------------------------------------------
 // Activation memory
 
-typedef struct carver {
-    char *base;
-    size_t off;
-} carver;
-
-static void *take(carver *c, size_t bytes)
-{
-    size_t o = (c->off + 63) & ~(size_t)63;
-    c->off = o + bytes;
-    return c->base ? c->base + o : NULL;
-}
-
-#define TAKE_F(c, n) ((float *)take((c), (size_t)(n) * sizeof(float)))
-
-static void layout_layer(carver *c, layer_acts *a, const nsa_model *m, size_t M, size_t Mc,
+static void layout_layer(nsa__carver *c, layer_acts *a, const nsa_model *m, size_t M, size_t Mc,
                          int keep)
 {
     const nsa_config *cfg = &m->cfg;
     size_t D = cfg->hidden_size, H = cfg->num_heads, d = cfg->head_dim, G = m->G, l = m->l;
     memset(a, 0, sizeof *a);
-    a->ln1 = TAKE_F(c, M * D);
-    a->ln1_mean = TAKE_F(c, M);
-    a->ln1_rstd = TAKE_F(c, M);
-    a->q = TAKE_F(c, M * H * d);
-    a->k = TAKE_F(c, M * G * d);
-    a->v = TAKE_F(c, M * G * d);
-    a->kc = TAKE_F(c, Mc * G * d);
-    a->vc = TAKE_F(c, Mc * G * d);
+    a->ln1 = NSA_TAKE_F(c, M * D);
+    a->ln1_mean = NSA_TAKE_F(c, M);
+    a->ln1_rstd = NSA_TAKE_F(c, M);
+    a->q = NSA_TAKE_F(c, M * H * d);
+    a->k = NSA_TAKE_F(c, M * G * d);
+    a->v = NSA_TAKE_F(c, M * G * d);
+    a->kc = NSA_TAKE_F(c, Mc * G * d);
+    a->vc = NSA_TAKE_F(c, Mc * G * d);
     if (cfg->compress == NSA_COMPRESS_MLP) {
-        a->ck_in = TAKE_F(c, Mc * G * l * d);
-        a->ck_hid = TAKE_F(c, Mc * G * d);
-        a->ck_act = TAKE_F(c, Mc * G * d);
-        a->cv_in = TAKE_F(c, Mc * G * l * d);
-        a->cv_hid = TAKE_F(c, Mc * G * d);
-        a->cv_act = TAKE_F(c, Mc * G * d);
+        a->ck_in = NSA_TAKE_F(c, Mc * G * l * d);
+        a->ck_hid = NSA_TAKE_F(c, Mc * G * d);
+        a->ck_act = NSA_TAKE_F(c, Mc * G * d);
+        a->cv_in = NSA_TAKE_F(c, Mc * G * l * d);
+        a->cv_hid = NSA_TAKE_F(c, Mc * G * d);
+        a->cv_act = NSA_TAKE_F(c, Mc * G * d);
     }
     if (cfg->gate == NSA_GATE_TOKEN)
-        a->gate_logits = TAKE_F(c, M * H * 3);
-    a->gates = TAKE_F(c, M * H * 3);
-    a->attn = TAKE_F(c, M * H * d);
+        a->gate_logits = NSA_TAKE_F(c, M * H * 3);
+    a->gates = NSA_TAKE_F(c, M * H * 3);
+    a->attn = NSA_TAKE_F(c, M * H * d);
     if (keep) {
-        a->o_paths = TAKE_F(c, 3 * M * H * d);
-        a->lse = TAKE_F(c, M * H * 3);
+        a->o_paths = NSA_TAKE_F(c, 3 * M * H * d);
+        a->lse = NSA_TAKE_F(c, M * H * 3);
     }
-    a->idx = (int32_t *)take(c, M * G * (size_t)cfg->num_selected_blocks * sizeof(int32_t));
-    a->proj = TAKE_F(c, M * D);
-    a->h = TAKE_F(c, M * D);
-    a->ln2 = TAKE_F(c, M * D);
-    a->ln2_mean = TAKE_F(c, M);
-    a->ln2_rstd = TAKE_F(c, M);
-    a->up = TAKE_F(c, M * 4 * D);
-    a->act = TAKE_F(c, M * 4 * D);
-    a->down = TAKE_F(c, M * D);
+    a->idx = (int32_t *)nsa__take(c, M * G * (size_t)cfg->num_selected_blocks * sizeof(int32_t));
+    a->proj = NSA_TAKE_F(c, M * D);
+    a->h = NSA_TAKE_F(c, M * D);
+    a->ln2 = NSA_TAKE_F(c, M * D);
+    a->ln2_mean = NSA_TAKE_F(c, M);
+    a->ln2_rstd = NSA_TAKE_F(c, M);
+    a->up = NSA_TAKE_F(c, M * 4 * D);
+    a->act = NSA_TAKE_F(c, M * 4 * D);
+    a->down = NSA_TAKE_F(c, M * D);
 }
 
 static size_t num_cmp_tokens(const nsa_model *m, int T)
@@ -98,7 +84,7 @@ static size_t layout_all(nsa_model *m, char *base, size_t M, size_t Mc, int keep
     const nsa_config *cfg = &m->cfg;
     size_t D = cfg->hidden_size, E = cfg->embed_dim, V = cfg->vocab_size;
     int N = cfg->num_layers, sets = keep ? N : 1, outs = keep && N > 2 ? N : 2;
-    carver c = {base, 0};
+    nsa__carver c = {base, 0};
     for (int i = 0; i < sets; i++)
         layout_layer(&c, &m->acts[i], m, M, Mc, keep);
     for (int i = sets; i < N; i++)
@@ -106,28 +92,28 @@ static size_t layout_all(nsa_model *m, char *base, size_t M, size_t Mc, int keep
     if (keep)
         layout_layer(&c, &m->grad, m, M, Mc, keep);
     for (int i = 0; i < outs; i++)
-        m->layer_out[i] = TAKE_F(&c, M * D);
-    m->x_in = TAKE_F(&c, M * E);
-    m->x0 = E != D ? TAKE_F(&c, M * D) : m->x_in;
-    m->final = TAKE_F(&c, M * D);
-    m->final_mean = TAKE_F(&c, M);
-    m->final_rstd = TAKE_F(&c, M);
+        m->layer_out[i] = NSA_TAKE_F(&c, M * D);
+    m->x_in = NSA_TAKE_F(&c, M * E);
+    m->x0 = E != D ? NSA_TAKE_F(&c, M * D) : m->x_in;
+    m->final = NSA_TAKE_F(&c, M * D);
+    m->final_mean = NSA_TAKE_F(&c, M);
+    m->final_rstd = NSA_TAKE_F(&c, M);
     m->d_a = m->d_b = m->d_x = NULL;
     if (keep) {
-        m->d_a = TAKE_F(&c, M * D);
-        m->d_b = TAKE_F(&c, M * D);
-        m->d_x = TAKE_F(&c, M * E);
+        m->d_a = NSA_TAKE_F(&c, M * D);
+        m->d_b = NSA_TAKE_F(&c, M * D);
+        m->d_x = NSA_TAKE_F(&c, M * E);
     }
     m->logits = m->losses = m->dlogits = NULL;
     m->tokens = NULL;
     m->weights = NULL;
     if (lm) {
-        m->logits = TAKE_F(&c, M * V);
-        m->losses = TAKE_F(&c, M);
-        m->tokens = (int32_t *)take(&c, M * sizeof(int32_t));
-        m->weights = TAKE_F(&c, M);
+        m->logits = NSA_TAKE_F(&c, M * V);
+        m->losses = NSA_TAKE_F(&c, M);
+        m->tokens = (int32_t *)nsa__take(&c, M * sizeof(int32_t));
+        m->weights = NSA_TAKE_F(&c, M);
         if (keep)
-            m->dlogits = TAKE_F(&c, M * V);
+            m->dlogits = NSA_TAKE_F(&c, M * V);
     }
     return c.off;
 }

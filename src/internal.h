@@ -32,6 +32,22 @@ int nsa__has_nonfinite(const float *x, size_t n);
 // Size arithmetic that refuses to overflow: 0 on overflow.
 size_t nsa__mul_size(size_t a, size_t b);
 
+// Carving one allocation into 64-byte aligned pieces: a first pass with base NULL
+// measures (off ends as the total size), a second pass with the allocation assigns.
+typedef struct nsa__carver {
+    char *base;
+    size_t off;
+} nsa__carver;
+
+static inline void *nsa__take(nsa__carver *c, size_t bytes)
+{
+    size_t o = (c->off + 63) & ~(size_t)63;
+    c->off = o + bytes;
+    return c->base ? c->base + o : NULL;
+}
+
+#define NSA_TAKE_F(c, n) ((float *)nsa__take((c), (size_t)(n) * sizeof(float)))
+
 #define NSA_TRY(expr)                  \
     do {                               \
         nsa_status nsa__s_ = (expr);   \

@@ -8,6 +8,7 @@
  * counter saved with the checkpoint.
  */
 #include "model.h"
+#include "safetensors.h"
 
 #include <errno.h>
 #include <math.h>
@@ -16,7 +17,8 @@
 #include <string.h>
 #include <time.h>
 
-#define VAL_STREAM 0x5EED0F00D0000001ull  // held-out task sequences
+#define VAL_STREAM 0x5EED0F00D0000001ull  // held-out task sequences (the same for every
+                                          // training seed, and for nsa_evaluate)
 #define DATA_STREAM 0xDA7A000000000002ull // training windows of a data file
 
 void nsa_train_options_default(nsa_train_options *o)
@@ -128,7 +130,7 @@ static int batch_val(batcher *bt, int index, int count, nsa_status *st)
             for (int t = 0; t < bt->T; t++)
                 row[t] = nsa_dataset_token(bt->data, start + t);
         } else {
-            *st = nsa_task_sample(bt->task, bt->seed ^ VAL_STREAM, (uint64_t)item, row,
+            *st = nsa_task_sample(bt->task, VAL_STREAM, (uint64_t)item, row,
                                   bt->weights + (size_t)b * bt->T, NULL);
             if (*st != NSA_OK)
                 return 0;
@@ -301,10 +303,37 @@ static nsa_status check_options(const nsa_model *m, const nsa_train_options *o)
     return nsa_optim_config_validate(&o->optim);
 }
 
-static FILE *open_log(const nsa_train_options *o, nsa_status *st)
+// On a resume, drops the log rows of steps after `step` (written after the checkpoint the
+// run resumes from, by the interrupted process), so every step appears once.
+static nsa_status trim_log(const char *path, int64_t step)
+{
+    FILE *in = fopen(path, "r");
+    if (!in)
+        return NSA_OK; // no log yet: nothing to trim
+    nsa__atomic_file af;
+    nsa_status st = nsa__atomic_open(&af, path);
+    if (st != NSA_OK) {
+        fclose(in);
+        return st;
+    }
+    char line[1024];
+    int header = 1;
+    while (fgets(line, sizeof line, in)) {
+        if (!header && strtoll(line, NULL, 10) > step)
+            continue;
+        header = 0;
+        fputs(line, (FILE *)af.fp);
+    }
+    fclose(in);
+    return nsa__atomic_commit(&af);
+}
+
+static FILE *open_log(const nsa_train_options *o, int64_t step, nsa_status *st)
 {
     *st = NSA_OK;
     if (!o->log_path)
+        return NULL;
+    if (o->resume && (*st = trim_log(o->log_path, step)) != NSA_OK)
         return NULL;
     FILE *f = fopen(o->log_path, o->resume ? "a" : "w");
     if (!f) {
@@ -326,8 +355,6 @@ nsa_status nsa_train(nsa_model *m, const nsa_train_options *o, nsa_train_result 
         NSA_TRY(nsa_dataset_load(&data, o->data_path, m->cfg.vocab_size));
     nsa_optim_config optim = o->optim;
     optim.total_steps = (int)(o->steps < 0x7fffffff ? o->steps : 0x7fffffff);
-    if (optim.warmup_steps > optim.total_steps)
-        optim.warmup_steps = optim.total_steps;
     batcher bt;
     nsa_optimizer *opt = NULL;
     FILE *log = NULL;
@@ -342,10 +369,11 @@ nsa_status nsa_train(nsa_model *m, const nsa_train_options *o, nsa_train_result 
             nsa_model_set_rng(m, o->seed, 0);
     }
     if (st == NSA_OK)
-        log = open_log(o, &st);
+        log = open_log(o, nsa_optimizer_num_steps(opt), &st);
 
     nsa_train_progress pr;
     memset(&pr, 0, sizeof pr);
+    pr.loss = NAN;
     pr.val_loss = NAN;
     pr.val_accuracy = NAN;
     pr.total_steps = o->steps;
