@@ -252,6 +252,27 @@ NSA_API nsa_status nsa_lm_forward_weighted(nsa_model *model, const int32_t *toke
                                            unsigned flags, float *logits, float *loss);
 
 // ---------------------------------------------------------------------------------------
+// Cached generation (SPEC §5): one token at a time, keeping each layer's keys, values and
+// compressed tokens, so step t costs O(t) attention instead of a whole forward. The logits
+// equal those of nsa_lm_forward on the same prefix. One sequence per generator.
+
+typedef struct nsa_generator nsa_generator;
+
+// max_len: the longest sequence the caches hold (prompt and generated tokens together).
+NSA_API nsa_status nsa_generator_create(nsa_generator **out, nsa_model *model, int max_len);
+NSA_API void nsa_generator_free(nsa_generator *gen);
+// Appends `token` at the next position and writes the logits [V] of the token after it.
+// NSA_ERR_INVALID when the generator is full (max_len tokens) or the token is out of range.
+NSA_API nsa_status nsa_generator_step(nsa_generator *gen, int32_t token, float *logits);
+// Number of tokens appended so far.
+NSA_API int nsa_generator_length(const nsa_generator *gen);
+// Forgets the sequence (the caches are kept for reuse).
+NSA_API void nsa_generator_reset(nsa_generator *gen);
+// Draws a token from logits [V] at `temperature` (0 = argmax, ties to the lowest id) with
+// a uniform number u in [0,1) supplied by the caller (so the caller owns the randomness).
+NSA_API int32_t nsa_sample_token(const float *logits, int vocab_size, double temperature, double u);
+
+// ---------------------------------------------------------------------------------------
 // Optimisation: AdamW with global-norm clipping and a warmup + cosine learning rate.
 
 typedef struct nsa_optim_config {

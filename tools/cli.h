@@ -43,7 +43,10 @@ typedef struct cli_command {
 int cmd_info(int argc, char **argv);
 int cmd_init(int argc, char **argv);
 int cmd_forward(int argc, char **argv);
+int cmd_train(int argc, char **argv);
+int cmd_eval(int argc, char **argv);
 int cmd_grad(int argc, char **argv);
+int cmd_generate(int argc, char **argv);
 
 // ---------------------------------------------------------------------------------------
 // Flags of one command

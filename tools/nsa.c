@@ -14,6 +14,9 @@ static const cli_command commands[] = {
     {"info", cmd_info, "print a config (or a checkpoint's): options, param_count, tensors"},
     {"init", cmd_init, "create a model initialised from a seed and save it as a checkpoint"},
     {"forward", cmd_forward, "run a checkpoint on a .npy input and write the output .npy"},
+    {"train", cmd_train, "train a language model on a token file or the built-in retrieval task"},
+    {"eval", cmd_eval, "loss and perplexity of a checkpoint on a token file or the task"},
+    {"generate", cmd_generate, "continue a prompt with a language model (cached generation)"},
     {"grad", cmd_grad, "gradients of a language model's loss on tokens, as safetensors"},
 };
 
