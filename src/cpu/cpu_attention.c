@@ -195,7 +195,8 @@ nsa_status nsa__cpu_attn_forward(nsa_context *ctx, const nsa__attn_dims *dm, con
     (void)ctx;
     const int B = dm->B, T = dm->T, H = dm->H, G = dm->G, d = dm->d, n = dm->num_selected;
     const int Tc = dm->num_cmp, nb = dm->num_blocks, heads_per_group = H / G;
-    const size_t kv_stride = (size_t)G * d, path_size = (size_t)B * T * H * d;
+    const int q_start = dm->q_start, Tq = T - q_start; // query rows per batch entry
+    const size_t kv_stride = (size_t)G * d, path_size = (size_t)B * Tq * H * d;
     const int score_blocks = given_idx == NULL;
     const int mean_key = score_blocks && dm->select_score == NSA_SELECT_MEAN_KEY;
 
@@ -226,20 +227,21 @@ nsa_status nsa__cpu_attn_forward(nsa_context *ctx, const nsa__attn_dims *dm, con
         }
         float *bscore = scores + max_keys, *qsum = bscore + nb, *o3 = qsum + d;
 #pragma omp for schedule(dynamic, 8)
-        for (long bt = 0; bt < (long)B * T; bt++) {
+        for (long bt = 0; bt < (long)B * Tq; bt++) {
             if (failed)
                 continue;
-            int b = (int)(bt / T), t = (int)(bt % T);
+            int b = (int)(bt / Tq), t = q_start + (int)(bt % Tq);
+            size_t qrow = (size_t)bt; // (b, t) among the query rows
             int nc = visible_compressed(dm, t);
             int num_cand = t / dm->block_size + 1;
             for (int g = 0; g < G; g++) {
-                int32_t *sel = idx + (((size_t)b * T + t) * G + g) * n;
+                int32_t *sel = idx + (qrow * G + g) * n;
                 if (score_blocks)
                     memset(bscore, 0, (size_t)num_cand * sizeof(float));
                 // compressed path, and the cmp_attn block scores from its probabilities
                 for (int hh = 0; hh < heads_per_group; hh++) {
                     int h = g * heads_per_group + hh;
-                    size_t row = ((size_t)b * T + t) * H + h;
+                    size_t row = qrow * H + h;
                     const float *qr = q + row * d;
                     float *o = o_paths ? o_paths + row * d : o3;
                     span sp = {0, nc};
@@ -265,13 +267,13 @@ nsa_status nsa__cpu_attn_forward(nsa_context *ctx, const nsa__attn_dims *dm, con
                 }
                 // selection
                 if (!score_blocks) {
-                    memcpy(sel, given_idx + (((size_t)b * T + t) * G + g) * n,
+                    memcpy(sel, given_idx + (qrow * G + g) * n,
                            (size_t)n * sizeof(int32_t));
                 } else {
                     if (mean_key) {
                         memset(qsum, 0, (size_t)d * sizeof(float));
                         for (int hh = 0; hh < heads_per_group; hh++)
-                            axpy(qsum, 1.0f, q + (((size_t)b * T + t) * H + g * heads_per_group + hh) * d, d);
+                            axpy(qsum, 1.0f, q + (qrow * H + g * heads_per_group + hh) * d, d);
                         for (int i = 0; i < num_cand; i++) {
                             int last = (i + 1) * dm->block_size - 1;
                             if (last > t)
@@ -290,7 +292,7 @@ nsa_status nsa__cpu_attn_forward(nsa_context *ctx, const nsa__attn_dims *dm, con
                 const float *vb = v + (size_t)b * T * kv_stride + (size_t)g * d;
                 for (int hh = 0; hh < heads_per_group; hh++) {
                     int h = g * heads_per_group + hh;
-                    size_t row = ((size_t)b * T + t) * H + h;
+                    size_t row = qrow * H + h;
                     const float *qr = q + row * d;
                     float *o_cmp = o_paths ? o_paths + row * d : out + row * d;
                     float *o_slc = o_paths ? o_paths + path_size + row * d : o3;
@@ -329,6 +331,8 @@ nsa_status nsa__cpu_attn_backward(nsa_context *ctx, const nsa__attn_dims *dm, co
                                   float *dgates)
 {
     (void)ctx;
+    if (dm->q_start != 0)
+        return nsa__error(NSA_ERR_UNSUPPORTED, "attention backward: q_start must be 0");
     const int B = dm->B, T = dm->T, H = dm->H, G = dm->G, d = dm->d, n = dm->num_selected;
     const int Tc = dm->num_cmp, heads_per_group = H / G;
     const size_t kv_stride = (size_t)G * d, path_size = (size_t)B * T * H * d;
