@@ -54,7 +54,7 @@ static const struct task_defaults_t {
     .vocab_size = 96,
     .min_distance = 32,
     .num_queries = 4,
-    .steps = 600,
+    .steps = 1000,
     .batch_size = 16,
     .lr = 3e-3,
     .warmup_steps = 50,
