@@ -1,0 +1,168 @@
+/*
+ * common.cuh — what every file of the CUDA backend shares: the backend's state (stream,
+ * cuBLAS handle, a growing scratch buffer), error checks that turn CUDA and cuBLAS
+ * failures into nsa_status codes with a message, and the launch helpers.
+ *
+ * Every op of src/cuda/ enqueues its kernels on the context's stream and returns; only
+ * upload (the caller may reuse its host buffer at once) and the ops that hand a value to
+ * the host (download, sum_squares, has_nonfinite) wait for the stream.
+ */
+#ifndef NSA_CUDA_COMMON_CUH
+#define NSA_CUDA_COMMON_CUH
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+extern "C" {
+#include "backend.h"
+#include "internal.h"
+}
+
+// The backend's state, in ctx->impl.
+typedef struct nsa__cuda_state {
+    int device;
+    cudaStream_t stream;
+    cublasHandle_t cublas;
+    int num_sms;
+    size_t max_smem_optin; // bytes of shared memory a block may opt into
+    void *scratch;         // device scratch for ops that need temporary memory
+    size_t scratch_bytes;
+    int attn_simple; // 1: the warp-per-row attention kernels (any head_dim; slower)
+} nsa__cuda_state;
+
+static inline nsa__cuda_state *nsa__cuda(nsa_context *ctx)
+{
+    return (nsa__cuda_state *)ctx->impl;
+}
+
+static inline cudaStream_t nsa__cuda_stream(nsa_context *ctx)
+{
+    return ((nsa__cuda_state *)ctx->impl)->stream;
+}
+
+// ---------------------------------------------------------------------------------------
+// Error checks: `NSA_CUDA_TRY(cudaMemcpyAsync(...));` returns NSA_ERR_BACKEND (or
+// NSA_ERR_NOMEM for allocations) with the call, the file and CUDA's own message.
+
+static inline nsa_status nsa__cuda_status(cudaError_t err, const char *what, const char *file,
+                                          int line)
+{
+    if (err == cudaSuccess)
+        return NSA_OK;
+    nsa_status st = err == cudaErrorMemoryAllocation ? NSA_ERR_NOMEM : NSA_ERR_BACKEND;
+    return nsa__error(st, "cuda: %s failed at %s:%d: %s (%s)", what, file, line,
+                      cudaGetErrorString(err), cudaGetErrorName(err));
+}
+
+static inline const char *nsa__cublas_name(cublasStatus_t s)
+{
+    switch (s) {
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_MAPPING_ERROR: return "CUBLAS_STATUS_MAPPING_ERROR";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    default: return "cuBLAS error";
+    }
+}
+
+static inline nsa_status nsa__cublas_status(cublasStatus_t s, const char *what, const char *file,
+                                            int line)
+{
+    if (s == CUBLAS_STATUS_SUCCESS)
+        return NSA_OK;
+    nsa_status st = s == CUBLAS_STATUS_ALLOC_FAILED ? NSA_ERR_NOMEM : NSA_ERR_BACKEND;
+    return nsa__error(st, "cublas: %s failed at %s:%d: %s (%d)", what, file, line,
+                      nsa__cublas_name(s), (int)s);
+}
+
+#define NSA_CUDA_TRY(call)                                                              \
+    do {                                                                                \
+        cudaError_t nsa__e_ = (call);                                                   \
+        if (nsa__e_ != cudaSuccess)                                                     \
+            return nsa__cuda_status(nsa__e_, #call, __FILE__, __LINE__);                \
+    } while (0)
+
+#define NSA_CUBLAS_TRY(call)                                                            \
+    do {                                                                                \
+        cublasStatus_t nsa__s_ = (call);                                                \
+        if (nsa__s_ != CUBLAS_STATUS_SUCCESS)                                           \
+            return nsa__cublas_status(nsa__s_, #call, __FILE__, __LINE__);              \
+    } while (0)
+
+// After a kernel launch: reports a bad launch configuration (or an earlier asynchronous
+// fault) as NSA_ERR_BACKEND naming the kernel.
+#define NSA_CUDA_LAUNCHED(name)                                                         \
+    do {                                                                                \
+        cudaError_t nsa__e_ = cudaGetLastError();                                       \
+        if (nsa__e_ != cudaSuccess)                                                     \
+            return nsa__cuda_status(nsa__e_, "launch of " name, __FILE__, __LINE__);    \
+    } while (0)
+
+// ---------------------------------------------------------------------------------------
+// Launch helpers
+
+static inline unsigned nsa__cuda_blocks(size_t n, int threads)
+{
+    size_t b = (n + (size_t)threads - 1) / (size_t)threads;
+    // Grid-stride loops cover the rest; 2^20 blocks keep every SM busy.
+    return (unsigned)(b == 0 ? 1 : (b > (1u << 20) ? (1u << 20) : b));
+}
+
+// Scratch memory of at least `bytes` (device, contents undefined). Valid until the next
+// call; ops run in stream order, so one op's scratch is free once its kernels are queued
+// behind the next op's. Growing it waits for the stream (cudaFree synchronises).
+nsa_status nsa__cuda_scratch(nsa_context *ctx, size_t bytes, void **out);
+
+// Entry points of the files of src/cuda/ (the ops table is in cuda_backend.cu).
+#define NSA_CUDA_OP(name, ...) nsa_status nsa__cuda_##name(nsa_context *ctx, __VA_ARGS__)
+
+NSA_CUDA_OP(has_nonfinite, const float *x, size_t n, int *result);
+NSA_CUDA_OP(bias_fill, float *y, const float *bias, int M, int O);
+NSA_CUDA_OP(bias_grad, float *dbias, const float *dy, int M, int O);
+NSA_CUDA_OP(layernorm_forward, float *y, float *mean, float *rstd, const float *x,
+            const float *gamma, const float *beta, int M, int D);
+NSA_CUDA_OP(layernorm_backward, float *dx, float *dgamma, float *dbeta, const float *dy,
+            const float *x, const float *mean, const float *rstd, const float *gamma, int M,
+            int D);
+NSA_CUDA_OP(gelu_forward, float *y, const float *x, size_t n);
+NSA_CUDA_OP(gelu_backward, float *dx, const float *dy, const float *x, size_t n);
+NSA_CUDA_OP(add, float *y, const float *a, const float *b, size_t n);
+NSA_CUDA_OP(scale, float *y, float alpha, size_t n);
+NSA_CUDA_OP(dropout, float *x, size_t n, float p, uint64_t seed, uint64_t stream);
+NSA_CUDA_OP(rope, float *x, int B, int T, int pos0, int nh, int d, double theta, int inverse);
+NSA_CUDA_OP(compress_forward, float *xc, const float *x, const float *W, int B, int T, int G,
+            int d, int l, int r);
+NSA_CUDA_OP(compress_backward, float *dx, float *dW, const float *dxc, const float *x,
+            const float *W, int B, int T, int G, int d, int l, int r);
+NSA_CUDA_OP(compress_gather, float *X, const float *x, const float *pos, int B, int T, int G,
+            int d, int l, int r);
+NSA_CUDA_OP(compress_gather_backward, float *dx, float *dpos, const float *dX, int B, int T,
+            int G, int d, int l, int r);
+NSA_CUDA_OP(gate_forward, float *gates, const float *params, int M, int H, nsa_gate kind);
+NSA_CUDA_OP(gate_backward, float *dparams, const float *dgates, const float *gates, int M,
+            int H, nsa_gate kind);
+NSA_CUDA_OP(embedding_forward, float *out, const int32_t *tokens, const float *table, int M,
+            int E);
+NSA_CUDA_OP(embedding_backward, float *dtable, const int32_t *tokens, const float *dout, int M,
+            int E);
+NSA_CUDA_OP(cross_entropy, float *losses, float *dlogits, const float *logits,
+            const int32_t *tokens, const float *weights, int B, int T, int V, float scale);
+NSA_CUDA_OP(sum_squares, const float *x, size_t n, double *result);
+NSA_CUDA_OP(adamw, float *params, const float *grads, float *m, float *v,
+            const uint8_t *decay_mask, size_t n, float lr, float beta1, float beta2, float eps,
+            float weight_decay, float grad_scale, float c1, float c2);
+NSA_CUDA_OP(attn_forward, const nsa__attn_dims *dims, const float *q, const float *k,
+            const float *v, const float *kc, const float *vc, const float *gates,
+            const int32_t *given_idx, int32_t *idx, float *out, float *o_paths, float *lse);
+NSA_CUDA_OP(attn_backward, const nsa__attn_dims *dims, const float *q, const float *k,
+            const float *v, const float *kc, const float *vc, const float *gates,
+            const int32_t *idx, const float *o_paths, const float *lse, const float *dout,
+            float *dq, float *dk, float *dv, float *dkc, float *dvc, float *dgates);
+
+#endif // NSA_CUDA_COMMON_CUH

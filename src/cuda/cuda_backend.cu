@@ -1,0 +1,306 @@
+/*
+ * cuda_backend.cu — the CUDA backend's context and op table: device memory, copies,
+ * the dense products through cuBLAS, and nsa__cuda_backend_init / nsa__cuda_available.
+ * The other ops live in elementwise.cu (norms, activations, compression, gates, loss,
+ * optimizer) and attention.cu (the three attention paths).
+ *
+ * State lives in the context (ctx->impl): one stream, one cuBLAS handle bound to it, and
+ * a scratch buffer. Nothing is global. Every call is checked and failures come back as
+ * nsa_status with a message naming the call.
+ */
+#include "cuda/common.cuh"
+
+#include <stdlib.h>
+#include <string.h>
+
+// ---------------------------------------------------------------------------------------
+// Scratch
+
+nsa_status nsa__cuda_scratch(nsa_context *ctx, size_t bytes, void **out)
+{
+    nsa__cuda_state *s = nsa__cuda(ctx);
+    if (bytes > s->scratch_bytes) {
+        if (s->scratch) {
+            // Kernels queued earlier may still read the old buffer: wait for them.
+            NSA_CUDA_TRY(cudaStreamSynchronize(s->stream));
+            NSA_CUDA_TRY(cudaFree(s->scratch));
+            s->scratch = NULL;
+            s->scratch_bytes = 0;
+        }
+        size_t want = bytes + bytes / 4; // some headroom against repeated growth
+        cudaError_t err = cudaMalloc(&s->scratch, want);
+        if (err != cudaSuccess) {
+            (void)cudaGetLastError();
+            s->scratch = NULL;
+            return nsa__error(NSA_ERR_NOMEM, "cuda: out of device memory for %zu bytes of scratch",
+                              want);
+        }
+        s->scratch_bytes = want;
+    }
+    *out = s->scratch;
+    return NSA_OK;
+}
+
+// ---------------------------------------------------------------------------------------
+// Memory
+
+static nsa_status cuda_alloc(nsa_context *ctx, void **ptr, size_t bytes)
+{
+    (void)ctx;
+    *ptr = NULL;
+    cudaError_t err = cudaMalloc(ptr, bytes ? bytes : 64);
+    if (err != cudaSuccess) {
+        (void)cudaGetLastError(); // clear the sticky-free error so later calls run
+        *ptr = NULL;
+        return nsa__error(NSA_ERR_NOMEM, "cuda: out of device memory allocating %zu bytes (%s)",
+                          bytes, cudaGetErrorString(err));
+    }
+    return NSA_OK;
+}
+
+static void cuda_free(nsa_context *ctx, void *ptr)
+{
+    (void)ctx;
+    if (ptr)
+        (void)cudaFree(ptr); // synchronises the device: no kernel still uses ptr
+}
+
+static nsa_status cuda_upload(nsa_context *ctx, void *dst, const void *host_src, size_t bytes)
+{
+    if (!bytes)
+        return NSA_OK;
+    cudaStream_t st = nsa__cuda_stream(ctx);
+    NSA_CUDA_TRY(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, st));
+    // The host buffer may be reused as soon as we return (pageable memory).
+    NSA_CUDA_TRY(cudaStreamSynchronize(st));
+    return NSA_OK;
+}
+
+static nsa_status cuda_download(nsa_context *ctx, void *host_dst, const void *src, size_t bytes)
+{
+    if (!bytes)
+        return NSA_OK;
+    cudaStream_t st = nsa__cuda_stream(ctx);
+    NSA_CUDA_TRY(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, st));
+    NSA_CUDA_TRY(cudaStreamSynchronize(st));
+    return NSA_OK;
+}
+
+static nsa_status cuda_copy(nsa_context *ctx, void *dst, const void *src, size_t bytes)
+{
+    if (!bytes || dst == src)
+        return NSA_OK;
+    NSA_CUDA_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, nsa__cuda_stream(ctx)));
+    return NSA_OK;
+}
+
+static nsa_status cuda_zero(nsa_context *ctx, void *dst, size_t bytes)
+{
+    if (!bytes)
+        return NSA_OK;
+    NSA_CUDA_TRY(cudaMemsetAsync(dst, 0, bytes, nsa__cuda_stream(ctx)));
+    return NSA_OK;
+}
+
+// ---------------------------------------------------------------------------------------
+// Dense products. cuBLAS is column-major: a row-major [R,C] matrix is the column-major
+// [C,R] one, its transpose. So every row-major product is computed as its transpose with
+// the operands swapped: y = x W^T  <=>  y^T = W x^T.
+
+static nsa_status cuda_linear_forward(nsa_context *ctx, float *y, const float *x, const float *W,
+                                      const float *bias, int M, int n_in, int n_out)
+{
+    if (M == 0 || n_out == 0)
+        return NSA_OK;
+    nsa__cuda_state *s = nsa__cuda(ctx);
+    float alpha = 1.0f, beta = 0.0f;
+    if (bias) {
+        NSA_TRY(nsa__cuda_bias_fill(ctx, y, bias, M, n_out));
+        beta = 1.0f;
+    }
+    if (n_in == 0) {
+        if (!bias)
+            NSA_CUDA_TRY(cudaMemsetAsync(y, 0, (size_t)M * n_out * sizeof(float), s->stream));
+        return NSA_OK;
+    }
+    // y^T [O,M] = W [I,O]^T (col-major view of W [O,I]) * x^T [I,M]
+    NSA_CUBLAS_TRY(cublasSgemm(s->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n_out, M, n_in, &alpha, W,
+                               n_in, x, n_in, &beta, y, n_out));
+    return NSA_OK;
+}
+
+static nsa_status cuda_linear_backward(nsa_context *ctx, float *dx, float dx_beta, float *dW,
+                                       float *dbias, const float *dy, const float *x,
+                                       const float *W, int M, int n_in, int n_out)
+{
+    if (M == 0)
+        return NSA_OK;
+    nsa__cuda_state *s = nsa__cuda(ctx);
+    float one = 1.0f;
+    if (dx && n_in > 0) {
+        if (n_out == 0) {
+            if (dx_beta == 0.0f)
+                NSA_CUDA_TRY(cudaMemsetAsync(dx, 0, (size_t)M * n_in * sizeof(float), s->stream));
+            else if (dx_beta != 1.0f)
+                NSA_TRY(nsa__cuda_scale(ctx, dx, dx_beta, (size_t)M * n_in));
+        } else {
+            // dx^T [I,M] = W^T... in col-major: W viewed [I,O], dy^T viewed [O,M]
+            NSA_CUBLAS_TRY(cublasSgemm(s->cublas, CUBLAS_OP_N, CUBLAS_OP_N, n_in, M, n_out, &one,
+                                       W, n_in, dy, n_out, &dx_beta, dx, n_in));
+        }
+    }
+    if (dW && n_in > 0 && n_out > 0) {
+        // dW^T [I,O] += x^T [I,M] * dy [M,O]
+        NSA_CUBLAS_TRY(cublasSgemm(s->cublas, CUBLAS_OP_N, CUBLAS_OP_T, n_in, n_out, M, &one, x,
+                                   n_in, dy, n_out, &one, dW, n_in));
+    }
+    if (dbias && n_out > 0)
+        NSA_TRY(nsa__cuda_bias_grad(ctx, dbias, dy, M, n_out));
+    return NSA_OK;
+}
+
+// ---------------------------------------------------------------------------------------
+// The table (fields in the order of nsa__backend_ops)
+
+static void cuda_destroy(nsa_context *ctx);
+
+static const nsa__backend_ops cuda_ops = {
+    .name = "cuda",
+    .destroy = cuda_destroy,
+    .alloc = cuda_alloc,
+    .free = cuda_free,
+    .upload = cuda_upload,
+    .download = cuda_download,
+    .copy = cuda_copy,
+    .zero = cuda_zero,
+    .has_nonfinite = nsa__cuda_has_nonfinite,
+    .linear_forward = cuda_linear_forward,
+    .linear_backward = cuda_linear_backward,
+    .layernorm_forward = nsa__cuda_layernorm_forward,
+    .layernorm_backward = nsa__cuda_layernorm_backward,
+    .gelu_forward = nsa__cuda_gelu_forward,
+    .gelu_backward = nsa__cuda_gelu_backward,
+    .add = nsa__cuda_add,
+    .scale = nsa__cuda_scale,
+    .dropout = nsa__cuda_dropout,
+    .rope = nsa__cuda_rope,
+    .compress_forward = nsa__cuda_compress_forward,
+    .compress_backward = nsa__cuda_compress_backward,
+    .compress_gather = nsa__cuda_compress_gather,
+    .compress_gather_backward = nsa__cuda_compress_gather_backward,
+    .gate_forward = nsa__cuda_gate_forward,
+    .gate_backward = nsa__cuda_gate_backward,
+    .attn_forward = nsa__cuda_attn_forward,
+    .attn_backward = nsa__cuda_attn_backward,
+    .embedding_forward = nsa__cuda_embedding_forward,
+    .embedding_backward = nsa__cuda_embedding_backward,
+    .cross_entropy = nsa__cuda_cross_entropy,
+    .sum_squares = nsa__cuda_sum_squares,
+    .adamw = nsa__cuda_adamw,
+};
+
+static void cuda_destroy(nsa_context *ctx)
+{
+    nsa__cuda_state *s = nsa__cuda(ctx);
+    if (!s)
+        return;
+    if (s->stream)
+        (void)cudaStreamSynchronize(s->stream);
+    if (s->scratch)
+        (void)cudaFree(s->scratch);
+    if (s->cublas)
+        (void)cublasDestroy(s->cublas);
+    if (s->stream)
+        (void)cudaStreamDestroy(s->stream);
+    free(s);
+    ctx->impl = NULL;
+}
+
+// ---------------------------------------------------------------------------------------
+// Creation
+
+// 1 when the current device exists and is a Hopper (or newer) GPU: the kernels are built
+// for sm_90 / sm_90a only.
+extern "C" int nsa__cuda_available(void)
+{
+    int count = 0, dev = 0, major = 0;
+    cudaError_t err = cudaGetDeviceCount(&count);
+    if (err == cudaSuccess && count > 0)
+        err = cudaGetDevice(&dev);
+    if (err == cudaSuccess && count > 0)
+        err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    if (err != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 0;
+    }
+    return count > 0 && major >= 9;
+}
+
+extern "C" nsa_status nsa__cuda_backend_init(nsa_context *ctx, int num_threads)
+{
+    if (num_threads < 0)
+        return nsa__error(NSA_ERR_INVALID, "num_threads = %d: must be >= 0 (0 = default)",
+                          num_threads);
+    int count = 0;
+    cudaError_t err = cudaGetDeviceCount(&count);
+    if (err != cudaSuccess || count == 0) {
+        (void)cudaGetLastError();
+        return nsa__error(NSA_ERR_UNSUPPORTED, "device cuda: no usable CUDA device (%s)",
+                          err != cudaSuccess ? cudaGetErrorString(err) : "none found");
+    }
+    nsa__cuda_state *s = (nsa__cuda_state *)nsa__calloc(1, sizeof *s, "cuda backend state");
+    if (!s)
+        return NSA_ERR_NOMEM;
+    ctx->impl = s;
+    ctx->ops = &cuda_ops;
+    ctx->num_threads = num_threads;
+    nsa_status st = NSA_OK;
+    cudaDeviceProp prop;
+    int dev = 0;
+    // The current device of the calling thread (cudaSetDevice before nsa_context_create
+    // picks another).
+    err = cudaGetDevice(&dev);
+    if (err == cudaSuccess)
+        err = cudaGetDeviceProperties(&prop, dev);
+    if (err != cudaSuccess) {
+        st = nsa__cuda_status(err, "cudaGetDeviceProperties", __FILE__, __LINE__);
+    } else if (prop.major < 9) {
+        st = nsa__error(NSA_ERR_UNSUPPORTED,
+                        "device cuda: %s has compute capability %d.%d; this build needs >= 9.0",
+                        prop.name, prop.major, prop.minor);
+    }
+    if (st == NSA_OK) {
+        s->device = dev;
+        s->num_sms = prop.multiProcessorCount;
+        s->max_smem_optin = prop.sharedMemPerBlockOptin;
+        err = cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking);
+        if (err != cudaSuccess)
+            st = nsa__cuda_status(err, "cudaStreamCreate", __FILE__, __LINE__);
+    }
+    if (st == NSA_OK) {
+        cublasStatus_t cs = cublasCreate(&s->cublas);
+        if (cs != CUBLAS_STATUS_SUCCESS)
+            st = nsa__cublas_status(cs, "cublasCreate", __FILE__, __LINE__);
+    }
+    if (st == NSA_OK) {
+        cublasStatus_t cs = cublasSetStream(s->cublas, s->stream);
+        // fp32 products stay fp32: no TF32 tensor-core rounding (the CPU comparison needs
+        // ~1e-6 relative error; TF32 gives ~1e-3).
+        if (cs == CUBLAS_STATUS_SUCCESS)
+            cs = cublasSetMathMode(s->cublas, CUBLAS_DEFAULT_MATH);
+        if (cs != CUBLAS_STATUS_SUCCESS)
+            st = nsa__cublas_status(cs, "cublasSetStream / cublasSetMathMode", __FILE__, __LINE__);
+    }
+    if (st == NSA_OK) {
+        // A debug switch for the attention kernels: NSA_CUDA_ATTN=simple selects the
+        // warp-per-row kernels (read once here, kept in the context).
+        const char *mode = getenv("NSA_CUDA_ATTN");
+        s->attn_simple = mode && strcmp(mode, "simple") == 0;
+    }
+    if (st != NSA_OK) {
+        cuda_destroy(ctx);
+        ctx->ops = NULL;
+        return st;
+    }
+    return NSA_OK;
+}
