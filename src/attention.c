@@ -145,6 +145,18 @@ static nsa_status stage_in(nsa_context *ctx, staged *s, const void *host, size_t
     return NSA_OK;
 }
 
+// An output: the caller's array on the CPU, fresh device memory (nothing uploaded) else.
+static nsa_status stage_out(nsa_context *ctx, staged *s, void *host, size_t bytes)
+{
+    s->owned = 0;
+    if (ctx->device == NSA_DEVICE_CPU) {
+        s->dev = host;
+        return NSA_OK;
+    }
+    s->owned = 1;
+    return ctx->ops->alloc(ctx, &s->dev, bytes);
+}
+
 static void stage_free(nsa_context *ctx, staged *s)
 {
     if (s->owned)
@@ -276,13 +288,13 @@ nsa_status nsa_attention_backward(nsa_context *ctx, const nsa_attention_desc *de
     if (st == NSA_OK)
         st = stage_in(ctx, &g_dout, dout, nq * sizeof(float));
     if (st == NSA_OK)
-        st = stage_in(ctx, &g_dq, dq, nq * sizeof(float));
+        st = stage_out(ctx, &g_dq, dq, nq * sizeof(float));
     if (st == NSA_OK)
-        st = stage_in(ctx, &g_dk, dk, nkv * sizeof(float));
+        st = stage_out(ctx, &g_dk, dk, nkv * sizeof(float));
     if (st == NSA_OK)
-        st = stage_in(ctx, &g_dv, dv, nkv * sizeof(float));
+        st = stage_out(ctx, &g_dv, dv, nkv * sizeof(float));
     if (st == NSA_OK)
-        st = stage_in(ctx, &g_dg, dgates, nq / dm.d * 3 * sizeof(float));
+        st = stage_out(ctx, &g_dg, dgates, nq / dm.d * 3 * sizeof(float));
     if (st == NSA_OK)
         st = device_alloc(ctx, &g_dkc, nkvc * sizeof(float));
     if (st == NSA_OK)
