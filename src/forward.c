@@ -491,16 +491,23 @@ static nsa_status check_layer(const nsa_model *m, int layer)
     return NSA_OK;
 }
 
+// The checks and buffers shared by the single-layer entry points; in [B,T,D] named `what`.
+static nsa_status prepare_layer_call(nsa_model *m, int layer, const float *in, int B, int T,
+                                     const float *out, const char *what)
+{
+    NSA_TRY(check_shape_args(m, in, B, T, out));
+    NSA_TRY(check_layer(m, layer));
+    if (nsa__has_nonfinite(in, (size_t)B * T * m->cfg.hidden_size))
+        return nsa__error(NSA_ERR_NUMERIC, "input %s contains NaN or Inf", what);
+    m->act_valid = 0;
+    return nsa__model_reserve(m, B, T, 0, 0);
+}
+
 nsa_status nsa_model_block_forward(nsa_model *m, int layer, const float *x, int B, int T,
                                    float *out)
 {
-    NSA_TRY(check_shape_args(m, x, B, T, out));
-    NSA_TRY(check_layer(m, layer));
+    NSA_TRY(prepare_layer_call(m, layer, x, B, T, out, "x"));
     size_t n = (size_t)B * T * m->cfg.hidden_size;
-    if (nsa__has_nonfinite(x, n))
-        return nsa__error(NSA_ERR_NUMERIC, "input x contains NaN or Inf");
-    m->act_valid = 0;
-    NSA_TRY(nsa__model_reserve(m, B, T, 0, 0));
     const nsa__backend_ops *ops = m->ctx->ops;
     NSA_TRY(ops->upload(m->ctx, m->layer_out[0], x, n * sizeof(float)));
     // Run with layer `layer`'s weights and activations slot 0.
@@ -515,13 +522,8 @@ nsa_status nsa_model_block_forward(nsa_model *m, int layer, const float *x, int 
 nsa_status nsa_model_attention_forward(nsa_model *m, int layer, const float *z, int B, int T,
                                        float *out)
 {
-    NSA_TRY(check_shape_args(m, z, B, T, out));
-    NSA_TRY(check_layer(m, layer));
+    NSA_TRY(prepare_layer_call(m, layer, z, B, T, out, "z"));
     size_t n = (size_t)B * T * m->cfg.hidden_size;
-    if (nsa__has_nonfinite(z, n))
-        return nsa__error(NSA_ERR_NUMERIC, "input z contains NaN or Inf");
-    m->act_valid = 0;
-    NSA_TRY(nsa__model_reserve(m, B, T, 0, 0));
     const nsa__backend_ops *ops = m->ctx->ops;
     layer_acts *a = &m->acts[0];
     NSA_TRY(ops->upload(m->ctx, a->ln1, z, n * sizeof(float)));
