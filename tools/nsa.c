@@ -18,6 +18,7 @@ static const cli_command commands[] = {
     {"eval", cmd_eval, "loss and perplexity of a checkpoint on a token file or the task"},
     {"generate", cmd_generate, "continue a prompt with a language model (cached generation)"},
     {"grad", cmd_grad, "gradients of a language model's loss on tokens, as safetensors"},
+    {"bench", cmd_bench, "time NSA attention against dense attention and the machine's limits"},
 };
 
 static const size_t num_commands = sizeof commands / sizeof commands[0];
