@@ -55,4 +55,10 @@ nsa_status nsa__cpu_attn_backward_ref(nsa_context *ctx, const nsa__attn_dims *di
                                       const float *dout, float *dq, float *dk, float *dv,
                                       float *dkc, float *dvc, float *dgates);
 
+// Top-n of score[0..num_cand) (ties to the lower index) into out[n], ascending, -1 padded;
+// with `fixed` (paper) block 0 and the two most recent candidates are always in. top:
+// scratch of n + 3 entries. Shared by both paths so they select identically.
+void nsa__select_blocks(const float *score, int num_cand, int n, int fixed, int32_t *out,
+                        int32_t *top);
+
 #endif // NSA_CPU_ATTN_H

@@ -99,8 +99,8 @@ static inline int visible_compressed(const nsa__attn_dims *dm, int t)
 
 // Top-n of score[0..num_cand) (ties to the lower index) into out[n], ascending, -1
 // padded; with fixed (paper) block 0 and the two most recent candidates always in.
-static void select_blocks(const float *score, int num_cand, int n, int fixed, int32_t *out,
-                          int32_t *top)
+void nsa__select_blocks(const float *score, int num_cand, int n, int fixed, int32_t *out,
+                        int32_t *top)
 {
     if (num_cand <= n) {
         for (int i = 0; i < n; i++)
@@ -285,7 +285,7 @@ nsa_status nsa__cpu_attn_forward_ref(nsa_context *ctx, const nsa__attn_dims *dm,
                             bscore[i] = dot(qsum, ks, d) / (float)count;
                         }
                     }
-                    select_blocks(bscore, num_cand, n, dm->select_fixed == NSA_SELECT_FIXED_PAPER,
+                    nsa__select_blocks(bscore, num_cand, n, dm->select_fixed == NSA_SELECT_FIXED_PAPER,
                                   sel, top);
                 }
                 int ns = selected_spans(dm, sel, t, spans);

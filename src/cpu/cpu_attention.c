@@ -518,49 +518,6 @@ static void cmp_forward(const plan *pl, const unit_pack *pk, scratch *sc, const 
     }
 }
 
-// Top-n of score[0..num_cand) (ties to the lower index) into out[n], ascending, -1
-// padded; with fixed (paper) block 0 and the two most recent candidates always in.
-static void select_blocks(const float *score, int num_cand, int n, int fixed, int32_t *out,
-                          int32_t *top)
-{
-    if (num_cand <= n) {
-        for (int i = 0; i < n; i++)
-            out[i] = i < num_cand ? i : -1;
-        return;
-    }
-    int num_forced = fixed ? 3 : 0; // num_cand > n >= 3 here, so the three are distinct
-    int k = n - num_forced, len = 0;
-    for (int i = 0; i < num_cand && k > 0; i++) {
-        if (fixed && (i == 0 || i >= num_cand - 2))
-            continue;
-        float s = score[i];
-        if (len == k && !(s > score[top[len - 1]]))
-            continue;
-        int pos = len < k ? len++ : len - 1;
-        while (pos > 0 && score[top[pos - 1]] < s) {
-            top[pos] = top[pos - 1];
-            pos--;
-        }
-        top[pos] = i;
-    }
-    if (fixed) {
-        top[len++] = 0;
-        top[len++] = num_cand - 2;
-        top[len++] = num_cand - 1;
-    }
-    for (int i = 1; i < len; i++) { // ascending order (insertion sort: n is small)
-        int32_t v = top[i];
-        int j = i;
-        while (j > 0 && top[j - 1] > v) {
-            top[j] = top[j - 1];
-            j--;
-        }
-        top[j] = v;
-    }
-    for (int i = 0; i < n; i++)
-        out[i] = i < len ? top[i] : -1;
-}
-
 // mean_key scores of the tile's queries into bscore: full blocks by one product of the
 // head-summed queries with the block sums, the block holding t from its own keys.
 static void mean_key_scores(const plan *pl, const unit_pack *pk, scratch *sc, const tile *tl,
@@ -621,7 +578,7 @@ static void select_tile(const plan *pl, const unit_pack *pk, scratch *sc, const 
         if (given_idx)
             memcpy(sel, given_idx + off, sizeof(int32_t) * (size_t)n);
         else
-            select_blocks(sc->bscore + (size_t)qi * pl->nbp, t / dm->block_size + 1, n,
+            nsa__select_blocks(sc->bscore + (size_t)qi * pl->nbp, t / dm->block_size + 1, n,
                           dm->select_fixed == NSA_SELECT_FIXED_PAPER, sel, sc->top);
         if (idx)
             memcpy(idx + off, sel, sizeof(int32_t) * (size_t)n);
