@@ -1,10 +1,11 @@
 # cuda.mk — the CUDA backend, included by the Makefile.
 #
 #   make cuda        build/cuda/libnsa.a (the C sources with -DNSA_HAVE_CUDA plus
-#                    src/cuda/*.cu), build/cuda/nsa, build/cuda/test_cuda and
-#                    build/cuda/bench_attn_cuda. Needs nvcc; builds for sm_90 (Hopper).
-#   make cuda-check  builds and runs build/cuda/test_cuda when nvcc is present (the test
-#                    itself skips cleanly without a GPU); prints a skip line otherwise.
+#                    src/cuda/*.cu), build/cuda/nsa, build/cuda/test_cuda,
+#                    build/cuda/test_cuda_bf16 and build/cuda/bench_attn_cuda. Needs nvcc;
+#                    builds for sm_90 (Hopper).
+#   make cuda-check  builds and runs the two device tests when nvcc is present (they skip
+#                    cleanly without a GPU); prints a skip line otherwise.
 #
 # Variables: CUDA_HOME (default /usr/local/cuda), NVCC, CUDA_ARCH_FLAGS, CUDA_BUILD.
 
@@ -32,10 +33,12 @@ cuda:
 cuda-check:
 	@echo "skip: nvcc not found, CUDA backend not built"
 else
-cuda: $(CUDA_BUILD)/libnsa.a $(CUDA_BUILD)/nsa $(CUDA_BUILD)/test_cuda $(CUDA_BUILD)/bench_attn_cuda
+cuda: $(CUDA_BUILD)/libnsa.a $(CUDA_BUILD)/nsa $(CUDA_BUILD)/test_cuda $(CUDA_BUILD)/test_cuda_bf16 \
+      $(CUDA_BUILD)/bench_attn_cuda
 
-cuda-check: $(CUDA_BUILD)/test_cuda
+cuda-check: $(CUDA_BUILD)/test_cuda $(CUDA_BUILD)/test_cuda_bf16
 	$(CUDA_BUILD)/test_cuda
+	$(CUDA_BUILD)/test_cuda_bf16
 
 $(CUDA_BUILD)/obj/%.o: %.c $(CUDA_HDRS)
 	@mkdir -p $(dir $@)
@@ -54,7 +57,8 @@ $(CUDA_BUILD)/nsa: $(wildcard tools/*.c tools/*.h) $(CUDA_BUILD)/libnsa.a
 	$(CC) $(CPPFLAGS) $(WARN) $(CFLAGS) $(OMPFLAGS) -o $@ $(wildcard tools/*.c) \
 	    $(CUDA_BUILD)/libnsa.a $(CUDA_LDLIBS)
 
-$(CUDA_BUILD)/test_cuda: tests/cuda/test_cuda.c tests/harness.h $(CUDA_BUILD)/libnsa.a
+$(CUDA_BUILD)/test_cuda $(CUDA_BUILD)/test_cuda_bf16: $(CUDA_BUILD)/%: tests/cuda/%.c \
+        tests/cuda/cuda_util.h tests/harness.h $(CUDA_BUILD)/libnsa.a
 	$(CC) $(CPPFLAGS) -DNSA_HAVE_CUDA $(WARN) $(CFLAGS) $(OMPFLAGS) -Itests -o $@ $< \
 	    $(CUDA_BUILD)/libnsa.a $(CUDA_LDLIBS)
 

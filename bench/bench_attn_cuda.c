@@ -4,7 +4,11 @@
  * nsa_attention_* functions copy host arrays and would time PCIe).
  *
  *   bench_attn_cuda [--seq-lens 8192,16384,...] [--reps N] [--warmup N] [--batch B]
- *                   [--heads H] [--kv-heads G] [--head-dim d]
+ *                   [--heads H] [--kv-heads G] [--head-dim d] [--dtype bf16|fp32|both]
+ *
+ * --dtype bf16 (default): q, k, v, kc, vc in bf16 through attn_forward_bf16 /
+ * attn_backward_bf16 (tensor cores, fp32 accumulation; outputs and gradients fp32);
+ * fp32: the fp32 kernels (CUDA cores).
  *
  * Shape (paper): H = 64, G = 4, d = 128, l = 32, r = 16, b = 64, n = 16, w = 512, B = 1,
  * cmp_attn scores, block 0 and the two most recent blocks fixed. Each measurement: warm-up
@@ -20,6 +24,7 @@
 #include "nsa.h"
 
 #include <cuda_runtime.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -70,6 +75,31 @@ static void dfill(float *d, size_t n, float lo, float hi, unsigned seed)
     free(h);
 }
 
+static uint16_t f2bf(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+// d16[n] = bf16 of the fp32 device array d[n] (through the host, in pieces).
+static void to_bf16(uint16_t *d16, const float *d, size_t n)
+{
+    enum { PIECE = 1 << 22 };
+    float *h = malloc(PIECE * sizeof(float));
+    uint16_t *h16 = malloc(PIECE * sizeof(uint16_t));
+    for (size_t off = 0; off < n; off += PIECE) {
+        size_t m = n - off < PIECE ? n - off : PIECE;
+        CK(ctx->ops->download(ctx, h, d + off, m * sizeof(float)));
+        for (size_t i = 0; i < m; i++)
+            h16[i] = f2bf(h[i]);
+        CK(ctx->ops->upload(ctx, d16 + off, h16, m * sizeof(uint16_t)));
+    }
+    free(h);
+    free(h16);
+}
+
 static int cmp_float(const void *a, const void *b)
 {
     float x = *(const float *)a, y = *(const float *)b;
@@ -78,7 +108,9 @@ static int cmp_float(const void *a, const void *b)
 
 typedef struct bufs {
     nsa__attn_dims dm;
+    int bf16;
     float *q, *k, *v, *kc, *vc, *gates, *out, *o_paths, *lse, *dout;
+    uint16_t *q16, *k16, *v16, *kc16, *vc16;
     float *dq, *dk, *dv, *dkc, *dvc, *dgates;
     int32_t *idx;
 } bufs;
@@ -88,6 +120,19 @@ enum { RUN_FWD, RUN_FWD_INFER, RUN_BWD };
 static void run_once(bufs *b, int what)
 {
     const nsa__backend_ops *ops = ctx->ops;
+    if (b->bf16) {
+        if (what == RUN_FWD)
+            CK(ops->attn_forward_bf16(ctx, &b->dm, b->q16, b->k16, b->v16, b->kc16, b->vc16,
+                                      b->gates, NULL, b->idx, b->out, b->o_paths, b->lse));
+        else if (what == RUN_FWD_INFER)
+            CK(ops->attn_forward_bf16(ctx, &b->dm, b->q16, b->k16, b->v16, b->kc16, b->vc16,
+                                      b->gates, NULL, b->idx, b->out, NULL, NULL));
+        else if (ops->attn_backward_bf16)
+            CK(ops->attn_backward_bf16(ctx, &b->dm, b->q16, b->k16, b->v16, b->kc16, b->vc16,
+                                       b->gates, b->idx, b->o_paths, b->lse, b->dout, b->dq,
+                                       b->dk, b->dv, b->dkc, b->dvc, b->dgates));
+        return;
+    }
     if (what == RUN_FWD)
         CK(ops->attn_forward(ctx, &b->dm, b->q, b->k, b->v, b->kc, b->vc, b->gates, NULL, b->idx,
                              b->out, b->o_paths, b->lse));
@@ -148,10 +193,93 @@ static double attended_pairs(const nsa__attn_dims *dm)
     return pairs * dm->H * dm->B;
 }
 
+// Times forward, inference forward and backward at length T (bf16 or fp32 operands).
+static void bench_length(int T, int B, int H, int G, int d, int use16, int reps, int warmup)
+{
+    nsa_attention_desc desc;
+    memset(&desc, 0, sizeof desc);
+    desc.batch = B;
+    desc.seq_len = T;
+    desc.num_heads = H;
+    desc.num_kv_heads = G;
+    desc.head_dim = d;
+    desc.block_size = 64;
+    desc.window_size = 512;
+    desc.compression_ratio = 16;
+    desc.compression_block = 32;
+    desc.num_selected_blocks = 16;
+    desc.select_score = NSA_SELECT_CMP_ATTN;
+    desc.select_fixed = NSA_SELECT_FIXED_PAPER;
+    bufs b;
+    memset(&b, 0, sizeof b);
+    b.bf16 = use16;
+    nsa__attn_dims_init(&b.dm, &desc);
+    size_t nq = (size_t)B * T * H * d, nkv = (size_t)B * T * G * d;
+    size_t nkvc = (size_t)B * b.dm.num_cmp * G * d, ng = (size_t)B * T * H * 3;
+    size_t nidx = (size_t)B * T * G * 16;
+    b.q = dalloc(nq * 4);
+    b.k = dalloc(nkv * 4);
+    b.v = dalloc(nkv * 4);
+    b.kc = dalloc(nkvc * 4 + 4);
+    b.vc = dalloc(nkvc * 4 + 4);
+    dfill(b.q, nq, -1.0f, 1.0f, 1);
+    dfill(b.k, nkv, -1.0f, 1.0f, 2);
+    dfill(b.v, nkv, -1.0f, 1.0f, 3);
+    CK(ctx->ops->compress_forward(ctx, b.kc, b.k, NULL, B, T, G, d, 32, 16));
+    CK(ctx->ops->compress_forward(ctx, b.vc, b.v, NULL, B, T, G, d, 32, 16));
+    if (use16) { // bf16 operands; the fp32 ones are freed before timing
+        b.q16 = dalloc(nq * 2 + 16);
+        b.k16 = dalloc(nkv * 2 + 16);
+        b.v16 = dalloc(nkv * 2 + 16);
+        b.kc16 = dalloc(nkvc * 2 + 16);
+        b.vc16 = dalloc(nkvc * 2 + 16);
+        to_bf16(b.q16, b.q, nq);
+        to_bf16(b.k16, b.k, nkv);
+        to_bf16(b.v16, b.v, nkv);
+        to_bf16(b.kc16, b.kc, nkvc);
+        to_bf16(b.vc16, b.vc, nkvc);
+        float *f32[] = {b.q, b.k, b.v, b.kc, b.vc};
+        for (size_t i = 0; i < 5; i++)
+            ctx->ops->free(ctx, f32[i]);
+        b.q = b.k = b.v = b.kc = b.vc = NULL;
+    }
+    b.gates = dalloc(ng * 4);
+    b.out = dalloc(nq * 4);
+    b.o_paths = dalloc(3 * nq * 4);
+    b.lse = dalloc(ng * 4);
+    b.dout = dalloc(nq * 4);
+    b.dq = dalloc(nq * 4);
+    b.dk = dalloc(nkv * 4);
+    b.dv = dalloc(nkv * 4);
+    b.dkc = dalloc(nkvc * 4 + 4);
+    b.dvc = dalloc(nkvc * 4 + 4);
+    b.dgates = dalloc(ng * 4);
+    b.idx = dalloc(nidx * 4);
+    dfill(b.gates, ng, 0.0f, 1.0f, 4);
+    dfill(b.dout, nq, -1.0f, 1.0f, 5);
+    int r = T >= 65536 ? (reps < 3 ? reps : 3) : reps;
+    float fwd = time_op(&b, RUN_FWD, warmup, r);
+    float inf = time_op(&b, RUN_FWD_INFER, warmup, r);
+    float bwd = use16 && !ctx->ops->attn_backward_bf16 ? NAN : time_op(&b, RUN_BWD, warmup, r);
+    double flops = 4.0 * d * attended_pairs(&b.dm);
+    printf("nsa dtype=%s T=%d B=%d H=%d G=%d d=%d fwd_ms=%.3f fwd_infer_ms=%.3f bwd_ms=%.3f "
+           "fwd_tflops=%.2f bwd_tflops=%.2f\n",
+           use16 ? "bf16" : "fp32", T, B, H, G, d, fwd, inf, bwd, flops / (fwd * 1e-3) / 1e12,
+           2.5 * flops / (bwd * 1e-3) / 1e12);
+    fflush(stdout);
+    void *all[] = {b.q, b.k, b.v, b.kc, b.vc, b.q16, b.k16, b.v16, b.kc16, b.vc16, b.gates,
+                   b.out, b.o_paths, b.lse, b.dout, b.dq, b.dk, b.dv, b.dkc, b.dvc, b.dgates,
+                   b.idx};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        if (all[i])
+            ctx->ops->free(ctx, all[i]);
+}
+
 int main(int argc, char **argv)
 {
     const char *lens = "8192,16384,32768,65536";
     int reps = 5, warmup = 1, B = 1, H = 64, G = 4, d = 128;
+    const char *dtype = "bf16";
     for (int i = 1; i + 1 < argc; i += 2) {
         if (strcmp(argv[i], "--seq-lens") == 0)
             lens = argv[i + 1];
@@ -167,6 +295,8 @@ int main(int argc, char **argv)
             G = atoi(argv[i + 1]);
         else if (strcmp(argv[i], "--head-dim") == 0)
             d = atoi(argv[i + 1]);
+        else if (strcmp(argv[i], "--dtype") == 0)
+            dtype = argv[i + 1];
         else {
             fprintf(stderr, "bench: unknown flag %s\n", argv[i]);
             return 2;
@@ -180,68 +310,16 @@ int main(int argc, char **argv)
     }
     CK(nsa_context_create(&ctx, NSA_DEVICE_CUDA, 0));
     CU(cudaMalloc(&flush_buf, flush_bytes));
+    int first = strcmp(dtype, "fp32") == 0 ? 0 : 1, last = strcmp(dtype, "bf16") == 0 ? 1 : 0;
+    if (strcmp(dtype, "both") == 0)
+        first = 1, last = 0;
     char *list = strdup(lens);
-    for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
-        int T = atoi(tok);
-        nsa_attention_desc desc;
-        memset(&desc, 0, sizeof desc);
-        desc.batch = B;
-        desc.seq_len = T;
-        desc.num_heads = H;
-        desc.num_kv_heads = G;
-        desc.head_dim = d;
-        desc.block_size = 64;
-        desc.window_size = 512;
-        desc.compression_ratio = 16;
-        desc.compression_block = 32;
-        desc.num_selected_blocks = 16;
-        desc.select_score = NSA_SELECT_CMP_ATTN;
-        desc.select_fixed = NSA_SELECT_FIXED_PAPER;
-        bufs b;
-        memset(&b, 0, sizeof b);
-        nsa__attn_dims_init(&b.dm, &desc);
-        size_t nq = (size_t)B * T * H * d, nkv = (size_t)B * T * G * d;
-        size_t nkvc = (size_t)B * b.dm.num_cmp * G * d, ng = (size_t)B * T * H * 3;
-        size_t nidx = (size_t)B * T * G * 16;
-        b.q = dalloc(nq * 4);
-        b.k = dalloc(nkv * 4);
-        b.v = dalloc(nkv * 4);
-        b.kc = dalloc(nkvc * 4 + 4);
-        b.vc = dalloc(nkvc * 4 + 4);
-        b.gates = dalloc(ng * 4);
-        b.out = dalloc(nq * 4);
-        b.o_paths = dalloc(3 * nq * 4);
-        b.lse = dalloc(ng * 4);
-        b.dout = dalloc(nq * 4);
-        b.dq = dalloc(nq * 4);
-        b.dk = dalloc(nkv * 4);
-        b.dv = dalloc(nkv * 4);
-        b.dkc = dalloc(nkvc * 4 + 4);
-        b.dvc = dalloc(nkvc * 4 + 4);
-        b.dgates = dalloc(ng * 4);
-        b.idx = dalloc(nidx * 4);
-        dfill(b.q, nq, -1.0f, 1.0f, 1);
-        dfill(b.k, nkv, -1.0f, 1.0f, 2);
-        dfill(b.v, nkv, -1.0f, 1.0f, 3);
-        dfill(b.gates, ng, 0.0f, 1.0f, 4);
-        dfill(b.dout, nq, -1.0f, 1.0f, 5);
-        CK(ctx->ops->compress_forward(ctx, b.kc, b.k, NULL, B, T, G, d, 32, 16));
-        CK(ctx->ops->compress_forward(ctx, b.vc, b.v, NULL, B, T, G, d, 32, 16));
-        int r = T >= 65536 ? (reps < 3 ? reps : 3) : reps;
-        float fwd = time_op(&b, RUN_FWD, warmup, r);
-        float inf = time_op(&b, RUN_FWD_INFER, warmup, r);
-        float bwd = time_op(&b, RUN_BWD, warmup, r);
-        double flops = 4.0 * d * attended_pairs(&b.dm);
-        printf("nsa T=%d B=%d H=%d G=%d d=%d fwd_ms=%.3f fwd_infer_ms=%.3f bwd_ms=%.3f "
-               "fwd_tflops=%.2f bwd_tflops=%.2f\n",
-               T, B, H, G, d, fwd, inf, bwd, flops / (fwd * 1e-3) / 1e12,
-               2.5 * flops / (bwd * 1e-3) / 1e12);
-        fflush(stdout);
-        void *all[] = {b.q, b.k, b.v, b.kc, b.vc, b.gates, b.out, b.o_paths, b.lse, b.dout,
-                       b.dq, b.dk, b.dv, b.dkc, b.dvc, b.dgates, b.idx};
-        for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
-            ctx->ops->free(ctx, all[i]);
-    }
+    for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ","))
+        for (int use16 = first;; use16 = !use16) {
+            bench_length(atoi(tok), B, H, G, d, use16, reps, warmup);
+            if (use16 == last)
+                break;
+        }
     free(list);
     CU(cudaFree(flush_buf));
     nsa_context_free(ctx);

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # run_gpu.sh — on a machine with an NVIDIA GPU (Hopper): build the CUDA backend, run its
-# test against the CPU backend, run compute-sanitizer memcheck on the quick test, and time
+# tests against the CPU backend, run compute-sanitizer memcheck and racecheck, and time
 # NSA attention against PyTorch SDPA (bench/bench_cuda.py). Logs and the table go to $OUT
 # (default ./gpu_out).
 #
-#   bash bench/run_gpu.sh [all|test|bench]      SEQ_LENS=8192,16384 REPS=5 to change the bench
+#   bash bench/run_gpu.sh [all|test|train|bench]
+#   env: SEQ_LENS=8192,16384 REPS=5 NSA_DTYPE=bf16|fp32|both (the bench), TESTS=... and
+#        SANITIZE=... (which device tests run, and which run under compute-sanitizer),
+#        PROFILE=1 PROFILE_T=16384 (kernel times by ncu)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -38,25 +41,42 @@ grep -iE "warning" "$OUT/build.log" | head -n 20
 echo "built in $(( $(date +%s) - start )) s"
 
 if [ "$what" = all ] || [ "$what" = test ]; then
-    echo "== test_cuda"
-    start=$(date +%s)
-    build/cuda/test_cuda >"$OUT/test_cuda.log" 2>&1 || status=1
-    cat "$OUT/test_cuda.log"
-    echo "test_cuda: $(( $(date +%s) - start )) s"
+    for t in ${TESTS:-test_cuda test_cuda_bf16}; do
+        echo "== $t"
+        start=$(date +%s)
+        build/cuda/$t >"$OUT/$t.log" 2>&1 || status=1
+        grep -vE "^    " "$OUT/$t.log" | tail -n 40
+        grep -E "max rel err|differ" "$OUT/$t.log" | sort -k5 -g | tail -n 3
+        echo "$t: $(( $(date +%s) - start )) s"
+    done
+    # compute-sanitizer: memcheck on every case, racecheck (shared-memory hazards) on the
+    # small --race shapes
+    for t in ${SANITIZE:-test_cuda test_cuda_bf16}; do
+        echo "== compute-sanitizer memcheck ($t)"
+        start=$(date +%s)
+        timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 build/cuda/$t \
+            >"$OUT/memcheck_$t.log" 2>&1 || status=1
+        grep -E "^(FAIL|RESULT)|ERROR SUMMARY|=========" "$OUT/memcheck_$t.log" | head -n 20
+        echo "memcheck: $(( $(date +%s) - start )) s"
+        echo "== compute-sanitizer racecheck ($t --race)"
+        start=$(date +%s)
+        timeout 240 compute-sanitizer --tool racecheck --error-exitcode 3 build/cuda/$t --race \
+            >"$OUT/racecheck_$t.log" 2>&1 || status=1
+        grep -E "^(FAIL|RESULT)|ERROR SUMMARY|=========" "$OUT/racecheck_$t.log" | head -n 20
+        echo "racecheck: $(( $(date +%s) - start )) s"
+    done
+fi
 
-    echo "== compute-sanitizer memcheck (test_cuda, every case)"
-    start=$(date +%s)
-    timeout 200 compute-sanitizer --tool memcheck --error-exitcode 3 build/cuda/test_cuda \
-        >"$OUT/memcheck.log" 2>&1 || status=1
-    grep -E "^(ok|FAIL|RESULT)|ERROR SUMMARY|=========" "$OUT/memcheck.log" | head -n 40
-    echo "memcheck: $(( $(date +%s) - start )) s"
-
-    echo "== compute-sanitizer racecheck (test_cuda --race: shared-memory hazards)"
-    start=$(date +%s)
-    timeout 240 compute-sanitizer --tool racecheck --error-exitcode 3 build/cuda/test_cuda --race \
-        >"$OUT/racecheck.log" 2>&1 || status=1
-    grep -E "^(ok|FAIL|RESULT)|ERROR SUMMARY|=========" "$OUT/racecheck.log" | head -n 40
-    echo "racecheck: $(( $(date +%s) - start )) s"
+if [ "$what" = all ] || [ "$what" = train ]; then
+    # the default task (nsa train with no data) on the GPU, fp32 and bf16
+    for prec in fp32 bf16; do
+        echo "== nsa train --device cuda --precision $prec"
+        start=$(date +%s)
+        build/cuda/nsa train --device cuda --precision $prec --out /tmp/nsa-$prec.safetensors \
+            $([ $prec = bf16 ] && echo --no-baseline) >"$OUT/train_$prec.log" 2>&1 || status=1
+        grep -E "tok/s|NSA |window baseline|chance|step 1000" "$OUT/train_$prec.log" | tail -n 6
+        echo "train $prec: $(( $(date +%s) - start )) s"
+    done
 fi
 
 if [ -n "${PROFILE:-}" ]; then
@@ -68,7 +88,8 @@ import csv, sys, collections
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
 head, rows = rows[0], rows[1:]
 ki, vi, ui = head.index("Kernel Name"), head.index("Metric Value"), head.index("Metric Unit")
-scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}
+scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3,
+         "ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
 for r in rows:
     ms = float(r[vi].replace(",", "")) * scale.get(r[ui], float("nan"))
     print(f"{ms:10.3f} ms  {r[ki][:110]}")
@@ -78,6 +99,6 @@ fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
     echo "== bench"
     PYTHONUNBUFFERED=1 python3 bench/bench_cuda.py --seq-lens "$SEQ_LENS" --reps "$REPS" \
-        --out "$OUT/bench.md" || status=1
+        --nsa-dtype "${NSA_DTYPE:-bf16}" --out "$OUT/bench.md" || status=1
 fi
 exit $status

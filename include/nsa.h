@@ -158,6 +158,23 @@ NSA_API int nsa_device_available(nsa_device device);
 // Parses "cpu" / "cuda".
 NSA_API nsa_status nsa_device_parse(const char *name, nsa_device *out);
 
+// Precision of the context's dense products and attention. NSA_PRECISION_FP32 (the
+// default): fp32 everywhere. NSA_PRECISION_BF16: the operands of the dense products and of
+// the three attention paths are rounded to bf16 and multiplied on tensor cores with fp32
+// accumulation; parameters (the master weights), optimizer state, activations, outputs and
+// gradients stay fp32. BF16 needs the CUDA backend (NSA_ERR_UNSUPPORTED on the CPU);
+// attention shapes the bf16 kernels do not cover (head_dim not a multiple of 8, or above
+// 128) run in fp32.
+typedef enum nsa_precision {
+    NSA_PRECISION_FP32 = 0,
+    NSA_PRECISION_BF16 = 1,
+} nsa_precision;
+
+NSA_API nsa_status nsa_context_set_precision(nsa_context *ctx, nsa_precision precision);
+NSA_API nsa_precision nsa_context_precision(const nsa_context *ctx);
+// Parses "fp32" / "bf16".
+NSA_API nsa_status nsa_precision_parse(const char *name, nsa_precision *out);
+
 // ---------------------------------------------------------------------------------------
 // The model (SPEC §2-§5)
 

@@ -41,6 +41,7 @@ typedef struct nsa__backend_ops nsa__backend_ops;
 
 struct nsa_context {
     nsa_device device;
+    nsa_precision precision; // NSA_PRECISION_BF16: the backend's bf16 tensor-core paths
     int num_threads;
     const nsa__backend_ops *ops;
     void *impl; // backend state
@@ -137,6 +138,22 @@ struct nsa__backend_ops {
                                 const float *gates, const int32_t *idx, const float *o_paths,
                                 const float *lse, const float *dout, float *dq, float *dk,
                                 float *dv, float *dkc, float *dvc, float *dgates);
+
+    // bf16 variants (NULL where the backend has none): q, k, v, kc, vc hold bf16 values
+    // (uint16 bit patterns, 16-byte aligned), used as tensor-core operands with fp32
+    // accumulation; gates, dout and every output are fp32, shapes as above. Head dims that
+    // are multiples of 8 up to 128; other shapes return NSA_ERR_UNSUPPORTED.
+    nsa_status (*attn_forward_bf16)(nsa_context *ctx, const nsa__attn_dims *dims,
+                                    const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                                    const uint16_t *kc, const uint16_t *vc, const float *gates,
+                                    const int32_t *given_idx, int32_t *idx, float *out,
+                                    float *o_paths, float *lse);
+    nsa_status (*attn_backward_bf16)(nsa_context *ctx, const nsa__attn_dims *dims,
+                                     const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                                     const uint16_t *kc, const uint16_t *vc, const float *gates,
+                                     const int32_t *idx, const float *o_paths, const float *lse,
+                                     const float *dout, float *dq, float *dk, float *dv,
+                                     float *dkc, float *dvc, float *dgates);
 
     // ---- language model
     // out[M,E] = table[tokens[m], :].

@@ -76,3 +76,38 @@ nsa_device nsa_context_device(const nsa_context *ctx)
 {
     return ctx->device;
 }
+
+nsa_status nsa_context_set_precision(nsa_context *ctx, nsa_precision precision)
+{
+    if (!ctx)
+        return nsa__error(NSA_ERR_INVALID, "nsa_context_set_precision: ctx is NULL");
+    if (precision != NSA_PRECISION_FP32 && precision != NSA_PRECISION_BF16)
+        return nsa__error(NSA_ERR_INVALID,
+                          "precision = %d: must be NSA_PRECISION_FP32 or NSA_PRECISION_BF16",
+                          (int)precision);
+    if (precision == NSA_PRECISION_BF16 && !ctx->ops->attn_forward_bf16)
+        return nsa__error(NSA_ERR_UNSUPPORTED,
+                          "precision bf16: the %s backend has no bf16 kernels (use --device cuda)",
+                          ctx->ops->name);
+    ctx->precision = precision;
+    return NSA_OK;
+}
+
+nsa_precision nsa_context_precision(const nsa_context *ctx)
+{
+    return ctx->precision;
+}
+
+nsa_status nsa_precision_parse(const char *name, nsa_precision *out)
+{
+    if (name && strcmp(name, "fp32") == 0) {
+        *out = NSA_PRECISION_FP32;
+        return NSA_OK;
+    }
+    if (name && strcmp(name, "bf16") == 0) {
+        *out = NSA_PRECISION_BF16;
+        return NSA_OK;
+    }
+    return nsa__error(NSA_ERR_INVALID, "precision '%s': must be fp32 or bf16",
+                      name ? name : "(null)");
+}

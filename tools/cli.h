@@ -2,7 +2,7 @@
  * cli.h — shared pieces of the `nsa` program (tools/): the command table, the flag
  * parser (every SPEC §1 option as a --kebab-case flag, kept in sync with the library
  * through nsa_config_option_name), help printing, errors and exit codes, and the
- * --threads / --device handling that creates the nsa_context.
+ * --threads / --device / --precision handling that creates the nsa_context.
  *
  * A subcommand lives in tools/cmd_<group>.c as `int cmd_<name>(int argc, char **argv)`
  * (argv[0] is the command name) returning the exit status; add its prototype below and
@@ -60,7 +60,7 @@ typedef struct cli_flag {
 
 // What a command accepts besides its own flags.
 #define CLI_MODEL_OPTIONS 1u // every SPEC §1 option, plus --preset seed|paper
-#define CLI_CONTEXT 2u       // --threads N and --device cpu|cuda
+#define CLI_CONTEXT 2u       // --threads N, --device cpu|cuda, --precision fp32|bf16
 
 typedef struct cli_spec {
     const char *command;     // "init"
@@ -80,6 +80,7 @@ typedef struct cli_args {
     const char *first_model_option;   // the first one as written ("--hidden-size")
     int embed_dim_given;
     const char *device;  // --device, NULL if absent
+    const char *precision; // --precision, NULL if absent
     const char *threads; // --threads, NULL if absent
 } cli_args;
 
@@ -109,7 +110,8 @@ int cli_model_config(const cli_args *args, nsa_config *out);
 // Refuses model options (the config comes from a checkpoint). 0 or 2.
 int cli_no_model_options(const cli_args *args, const char *why);
 
-// Creates the context from --device (default cpu) and --threads (default 0 = OpenMP's).
+// Creates the context from --device (default cpu), --threads (default 0 = OpenMP's) and
+// --precision (default fp32).
 // Returns 0 or an exit status (message printed).
 int cli_context(const cli_args *args, nsa_context **out);
 

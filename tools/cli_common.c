@@ -267,14 +267,17 @@ int cli_parse(cli_args *args, const cli_spec *spec, int argc, char **argv, int *
             continue;
         }
         if ((spec->features & CLI_CONTEXT) &&
-            (strcmp(kebab, "threads") == 0 || strcmp(kebab, "device") == 0)) {
+            (strcmp(kebab, "threads") == 0 || strcmp(kebab, "device") == 0 ||
+             strcmp(kebab, "precision") == 0)) {
             const char *value = take_value(argc, argv, &i, kebab);
             if (!value)
                 return 0;
             if (kebab[0] == 't')
                 args->threads = value;
-            else
+            else if (kebab[0] == 'd')
                 args->device = value;
+            else
+                args->precision = value;
             continue;
         }
         if ((spec->features & CLI_MODEL_OPTIONS) && strcmp(kebab, "preset") == 0) {
@@ -436,8 +439,18 @@ int cli_context(const cli_args *args, nsa_context **out)
                          args->device);
     if (args->threads && parse_ll("threads", args->threads, 0, 4096, &threads))
         return CLI_EXIT_USAGE;
+    nsa_precision precision = NSA_PRECISION_FP32;
+    if (args->precision && nsa_precision_parse(args->precision, &precision) != NSA_OK)
+        return cli_error(CLI_EXIT_USAGE, "--precision %s: unknown precision (fp32 or bf16)",
+                         args->precision);
+    if (precision == NSA_PRECISION_BF16 && device != NSA_DEVICE_CUDA)
+        return cli_error(CLI_EXIT_USAGE, "--precision bf16: needs --device cuda (the CPU "
+                                         "backend computes in fp32)");
     nsa_status st = nsa_context_create(out, device, (int)threads);
+    if (st == NSA_OK)
+        st = nsa_context_set_precision(*out, precision);
     if (st != NSA_OK) {
+        nsa_context_free(*out);
         *out = NULL;
         return cli_lib_error(st, 0);
     }
@@ -503,6 +516,9 @@ void cli_print_help(const cli_spec *spec, FILE *fp)
     if (spec->features & CLI_CONTEXT) {
         print_flag(fp, "threads", "N", "CPU threads (default 0: OpenMP's default)");
         print_flag(fp, "device", "NAME", "cpu (default) or cuda");
+        print_flag(fp, "precision", "P",
+                   "fp32 (default) or bf16: bf16 operands on tensor cores, fp32 accumulation "
+                   "and storage (cuda only)");
     }
     print_flag(fp, "help", NULL, "this text");
     if (!(spec->features & CLI_MODEL_OPTIONS))

@@ -434,6 +434,13 @@ NSA_CUDA_OP(attn_forward, const nsa__attn_dims *dims, const float *q, const floa
     if (s.d > 1024)
         return nsa__error(NSA_ERR_UNSUPPORTED, "cuda attention: head_dim = %d: at most 1024",
                           s.d);
+    if (ctx->precision == NSA_PRECISION_BF16) {
+        int done;
+        NSA_TRY(nsa__cuda_attn_forward_as_bf16(ctx, dims, q, k, v, kc, vc, gates, given_idx, idx,
+                                               out, o_paths, lse, &done));
+        if (done)
+            return NSA_OK;
+    }
     nsa__cuda_state *cs = nsa__cuda(ctx);
     cudaStream_t st = cs->stream;
     int tiled = !cs->attn_simple && s.d <= 128;
@@ -506,6 +513,13 @@ NSA_CUDA_OP(attn_backward, const nsa__attn_dims *dims, const float *q, const flo
     if (s.d > 1024)
         return nsa__error(NSA_ERR_UNSUPPORTED, "cuda attention: head_dim = %d: at most 1024",
                           s.d);
+    if (ctx->precision == NSA_PRECISION_BF16) {
+        int done;
+        NSA_TRY(nsa__cuda_attn_backward_as_bf16(ctx, dims, q, k, v, kc, vc, gates, idx, o_paths,
+                                                lse, dout, dq, dk, dv, dkc, dvc, dgates, &done));
+        if (done)
+            return NSA_OK;
+    }
     if (!nsa__cuda(ctx)->attn_simple && s.d <= 128)
         return nsa__cuda_attn_tiled_backward(ctx, s, dq, dk, dv, dkc, dvc, dgates, q, k, v, kc, vc,
                                              gates, idx, o_paths, lse, dout);

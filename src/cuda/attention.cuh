@@ -508,6 +508,35 @@ nsa_status nsa__cuda_attn_simple_backward(nsa_context *ctx, const attn_shape &s,
                                           const float *gates, const int32_t *idx,
                                           const float *o_paths, const float *lse,
                                           const float *dout);
+// Inverted index of the selection idx [B,T,G,n] for the key-centric backward passes, built in
+// ws (nsa__cuda_sel_ws_ints(s) ints of device memory): for each key block (b, g, block) the
+// positions that chose it, lists[offsets[key] .. offsets[key + 1]), and work items of at
+// most split_pos positions: key block `key` owns items item_start[key] .. item_start[key + 1]
+// - 1, at most max_items in all.
+typedef struct sel_index {
+    const int *offsets, *lists, *item_start;
+    size_t max_items;
+} sel_index;
+size_t nsa__cuda_sel_ws_ints(const attn_shape &s);
+nsa_status nsa__cuda_sel_lists(nsa_context *ctx, const attn_shape &s, const int32_t *idx,
+                               int *ws, int split_pos, sel_index *out);
+
+// NSA_PRECISION_BF16 through the fp32 ops: q, k, v, kc, vc rounded to bf16 in the operand
+// scratch, then the bf16 tensor-core op (attention_bf16*.cu). *done = 0 (nothing run) when
+// the shape or the buffers are not covered by the bf16 kernels.
+nsa_status nsa__cuda_attn_forward_as_bf16(nsa_context *ctx, const nsa__attn_dims *dims,
+                                          const float *q, const float *k, const float *v,
+                                          const float *kc, const float *vc, const float *gates,
+                                          const int32_t *given_idx, int32_t *idx, float *out,
+                                          float *o_paths, float *lse, int *done);
+nsa_status nsa__cuda_attn_backward_as_bf16(nsa_context *ctx, const nsa__attn_dims *dims,
+                                           const float *q, const float *k, const float *v,
+                                           const float *kc, const float *vc, const float *gates,
+                                           const int32_t *idx, const float *o_paths,
+                                           const float *lse, const float *dout, float *dq,
+                                           float *dk, float *dv, float *dkc, float *dvc,
+                                           float *dgates, int *done);
+
 // The tiled backward (head_dim <= 128).
 nsa_status nsa__cuda_attn_tiled_backward(nsa_context *ctx, const attn_shape &s, float *dq,
                                          float *dk, float *dv, float *dkc, float *dvc,

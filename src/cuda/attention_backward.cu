@@ -502,6 +502,44 @@ __global__ void sel_items_kernel(int *items, const int *counts, int n_keys, int 
         items[i] = (counts[i] + split - 1) / split;
 }
 
+size_t nsa__cuda_sel_ws_ints(const attn_shape &s)
+{
+    size_t n_keys = (size_t)s.B * s.G * s.nb, n_entries = (size_t)s.B * s.T * s.G * s.n;
+    return 5 * (n_keys + 1) + n_entries;
+}
+
+nsa_status nsa__cuda_sel_lists(nsa_context *ctx, const attn_shape &s, const int32_t *idx,
+                               int *ws, int split_pos, sel_index *out)
+{
+    cudaStream_t st = nsa__cuda_stream(ctx);
+    size_t n_keys = (size_t)s.B * s.G * s.nb, n_entries = (size_t)s.B * s.T * s.G * s.n;
+    if (n_keys + 1 > (size_t)INT32_MAX || n_entries > (size_t)INT32_MAX)
+        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda attention backward: %zu selections: too many",
+                          n_entries);
+    int *counts = ws, *offsets = counts + n_keys + 1, *cursor = offsets + n_keys + 1;
+    int *items = cursor + n_keys + 1, *item_start = items + n_keys + 1;
+    int *lists = item_start + n_keys + 1;
+    NSA_CUDA_TRY(cudaMemsetAsync(counts, 0, (n_keys + 1) * sizeof(int), st));
+    sel_count_kernel<<<nsa__cuda_blocks(n_entries, 256), 256, 0, st>>>(counts, idx, s);
+    NSA_CUDA_LAUNCHED("sel_count_kernel");
+    sel_scan_kernel<<<1, 1024, 0, st>>>(offsets, cursor, counts, (int)n_keys);
+    NSA_CUDA_LAUNCHED("sel_scan_kernel");
+    sel_fill_kernel<<<nsa__cuda_blocks(n_entries, 256), 256, 0, st>>>(lists, cursor, idx, s);
+    NSA_CUDA_LAUNCHED("sel_fill_kernel");
+    sel_items_kernel<<<nsa__cuda_blocks(n_keys, 256), 256, 0, st>>>(items, counts, (int)n_keys,
+                                                                    split_pos);
+    NSA_CUDA_LAUNCHED("sel_items_kernel");
+    sel_scan_kernel<<<1, 1024, 0, st>>>(item_start, cursor, items, (int)n_keys);
+    NSA_CUDA_LAUNCHED("sel_scan_kernel");
+    out->offsets = offsets;
+    out->lists = lists;
+    out->item_start = item_start;
+    out->max_items = n_entries / (size_t)split_pos + n_keys;
+    if (out->max_items > INT32_MAX)
+        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda attention backward: too many work items");
+    return NSA_OK;
+}
+
 // ---------------------------------------------------------------------------------------
 // Launcher
 
@@ -514,18 +552,11 @@ static nsa_status tiled_backward_dp(nsa_context *ctx, const attn_shape &s, float
 {
     cudaStream_t st = nsa__cuda_stream(ctx);
     size_t rows = (size_t)s.B * s.T * s.H;
-    size_t n_keys = (size_t)s.B * s.G * s.nb, n_entries = (size_t)s.B * s.T * s.G * s.n;
-    if (n_keys + 1 > (size_t)INT32_MAX || n_entries > (size_t)INT32_MAX)
-        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda attention backward: %zu selections: too many",
-                          n_entries);
     void *mem;
-    NSA_TRY(nsa__cuda_scratch(ctx, rows * 3 * sizeof(float) + (5 * (n_keys + 1) + n_entries) *
-                                                                   sizeof(int),
+    NSA_TRY(nsa__cuda_scratch(ctx, rows * 3 * sizeof(float) + nsa__cuda_sel_ws_ints(s) * sizeof(int),
                               &mem));
     float *Dp = (float *)mem;
-    int *counts = (int *)(Dp + rows * 3), *offsets = counts + n_keys + 1;
-    int *cursor = offsets + n_keys + 1, *items = cursor + n_keys + 1;
-    int *item_start = items + n_keys + 1, *lists = item_start + n_keys + 1;
+    int *ws = (int *)(Dp + rows * 3);
     int per_position = s.hpg % PR == 0;
     int vec4 = s.d % 4 == 0 && ((uintptr_t)k | (uintptr_t)v) % 16 == 0;
 
@@ -574,26 +605,16 @@ static nsa_status tiled_backward_dp(nsa_context *ctx, const attn_shape &s, float
     // dk, dv of the selected blocks (+=): the inverted index, cut into work items of
     // split_pos positions, a block per (item, 64-key chunk of the block), atomics
     int split_pos = split_rows / s.hpg > 0 ? split_rows / s.hpg : 1;
-    NSA_CUDA_TRY(cudaMemsetAsync(counts, 0, (n_keys + 1) * sizeof(int), st));
-    sel_count_kernel<<<nsa__cuda_blocks(n_entries, 256), 256, 0, st>>>(counts, idx, s);
-    NSA_CUDA_LAUNCHED("sel_count_kernel");
-    sel_scan_kernel<<<1, 1024, 0, st>>>(offsets, cursor, counts, (int)n_keys);
-    NSA_CUDA_LAUNCHED("sel_scan_kernel");
-    sel_fill_kernel<<<nsa__cuda_blocks(n_entries, 256), 256, 0, st>>>(lists, cursor, idx, s);
-    NSA_CUDA_LAUNCHED("sel_fill_kernel");
-    sel_items_kernel<<<nsa__cuda_blocks(n_keys, 256), 256, 0, st>>>(items, counts, (int)n_keys,
-                                                                    split_pos);
-    NSA_CUDA_LAUNCHED("sel_items_kernel");
-    sel_scan_kernel<<<1, 1024, 0, st>>>(item_start, cursor, items, (int)n_keys);
-    NSA_CUDA_LAUNCHED("sel_scan_kernel");
-    size_t max_items = n_entries / (size_t)split_pos + n_keys;
+    sel_index si;
+    NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, ws, split_pos, &si));
     int chunks = (s.b + TK - 1) / TK;
-    if (max_items > INT32_MAX || chunks > 65535)
+    if (chunks > 65535)
         return nsa__error(NSA_ERR_UNSUPPORTED, "cuda attention backward: too many work items");
     NSA_TRY(allow_smem(ctx, bwd_dkv_kernel<DP, PATH_SLC>, kv_bytes));
-    bwd_dkv_kernel<DP, PATH_SLC><<<dim3((unsigned)max_items, chunks, 1), TILE_THREADS, kv_bytes,
-                                   st>>>(dk, dv, q, k, v, gates, lse, Dp, dout, offsets, lists,
-                                         item_start, split_pos, s);
+    bwd_dkv_kernel<DP, PATH_SLC><<<dim3((unsigned)si.max_items, chunks, 1), TILE_THREADS,
+                                   kv_bytes, st>>>(dk, dv, q, k, v, gates, lse, Dp, dout,
+                                                   si.offsets, si.lists, si.item_start,
+                                                   split_pos, s);
     NSA_CUDA_LAUNCHED("bwd_dkv_kernel<selected>");
     return NSA_OK;
 }

@@ -11,6 +11,7 @@
 #define NSA_CUDA_COMMON_CUH
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -29,6 +30,8 @@ typedef struct nsa__cuda_state {
     size_t max_smem_optin; // bytes of shared memory a block may opt into
     void *scratch;         // device scratch for ops that need temporary memory
     size_t scratch_bytes;
+    void *operands; // bf16 copies of fp32 operands (NSA_PRECISION_BF16), a second scratch
+    size_t operands_bytes;
     int attn_simple; // 1: the warp-per-row attention kernels (any head_dim; slower)
 } nsa__cuda_state;
 
@@ -118,6 +121,13 @@ static inline unsigned nsa__cuda_blocks(size_t n, int threads)
 // call; ops run in stream order, so one op's scratch is free once its kernels are queued
 // behind the next op's. Growing it waits for the stream (cudaFree synchronises).
 nsa_status nsa__cuda_scratch(nsa_context *ctx, size_t bytes, void **out);
+// The same for the bf16 operand copies of NSA_PRECISION_BF16, kept apart from the scratch so
+// an op can convert its inputs and then call an op that takes scratch.
+nsa_status nsa__cuda_operand_scratch(nsa_context *ctx, size_t bytes, void **out);
+
+// bf16 <-> fp32 copies of n elements (round to nearest even).
+nsa_status nsa__cuda_bf16_to_f32(nsa_context *ctx, float *dst, const __nv_bfloat16 *src, size_t n);
+nsa_status nsa__cuda_f32_to_bf16(nsa_context *ctx, __nv_bfloat16 *dst, const float *src, size_t n);
 
 // Entry points of the files of src/cuda/ (the ops table is in cuda_backend.cu).
 #define NSA_CUDA_OP(name, ...) nsa_status nsa__cuda_##name(nsa_context *ctx, __VA_ARGS__)
@@ -162,6 +172,13 @@ NSA_CUDA_OP(attn_forward, const nsa__attn_dims *dims, const float *q, const floa
             const int32_t *given_idx, int32_t *idx, float *out, float *o_paths, float *lse);
 NSA_CUDA_OP(attn_backward, const nsa__attn_dims *dims, const float *q, const float *k,
             const float *v, const float *kc, const float *vc, const float *gates,
+            const int32_t *idx, const float *o_paths, const float *lse, const float *dout,
+            float *dq, float *dk, float *dv, float *dkc, float *dvc, float *dgates);
+NSA_CUDA_OP(attn_forward_bf16, const nsa__attn_dims *dims, const uint16_t *q, const uint16_t *k,
+            const uint16_t *v, const uint16_t *kc, const uint16_t *vc, const float *gates,
+            const int32_t *given_idx, int32_t *idx, float *out, float *o_paths, float *lse);
+NSA_CUDA_OP(attn_backward_bf16, const nsa__attn_dims *dims, const uint16_t *q, const uint16_t *k,
+            const uint16_t *v, const uint16_t *kc, const uint16_t *vc, const float *gates,
             const int32_t *idx, const float *o_paths, const float *lse, const float *dout,
             float *dq, float *dk, float *dv, float *dkc, float *dvc, float *dgates);
 

@@ -16,29 +16,41 @@
 // ---------------------------------------------------------------------------------------
 // Scratch
 
-nsa_status nsa__cuda_scratch(nsa_context *ctx, size_t bytes, void **out)
+// Grows *buf (of *have bytes) to at least `bytes`.
+static nsa_status grow(nsa_context *ctx, void **buf, size_t *have, size_t bytes, void **out)
 {
-    nsa__cuda_state *s = nsa__cuda(ctx);
-    if (bytes > s->scratch_bytes) {
-        if (s->scratch) {
+    if (bytes > *have) {
+        if (*buf) {
             // Kernels queued earlier may still read the old buffer: wait for them.
-            NSA_CUDA_TRY(cudaStreamSynchronize(s->stream));
-            NSA_CUDA_TRY(cudaFree(s->scratch));
-            s->scratch = NULL;
-            s->scratch_bytes = 0;
+            NSA_CUDA_TRY(cudaStreamSynchronize(nsa__cuda_stream(ctx)));
+            NSA_CUDA_TRY(cudaFree(*buf));
+            *buf = NULL;
+            *have = 0;
         }
         size_t want = bytes + bytes / 4; // some headroom against repeated growth
-        cudaError_t err = cudaMalloc(&s->scratch, want);
+        cudaError_t err = cudaMalloc(buf, want);
         if (err != cudaSuccess) {
             (void)cudaGetLastError();
-            s->scratch = NULL;
+            *buf = NULL;
             return nsa__error(NSA_ERR_NOMEM, "cuda: out of device memory for %zu bytes of scratch",
                               want);
         }
-        s->scratch_bytes = want;
+        *have = want;
     }
-    *out = s->scratch;
+    *out = *buf;
     return NSA_OK;
+}
+
+nsa_status nsa__cuda_scratch(nsa_context *ctx, size_t bytes, void **out)
+{
+    nsa__cuda_state *s = nsa__cuda(ctx);
+    return grow(ctx, &s->scratch, &s->scratch_bytes, bytes, out);
+}
+
+nsa_status nsa__cuda_operand_scratch(nsa_context *ctx, size_t bytes, void **out)
+{
+    nsa__cuda_state *s = nsa__cuda(ctx);
+    return grow(ctx, &s->operands, &s->operands_bytes, bytes, out);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -107,13 +119,38 @@ static nsa_status cuda_zero(nsa_context *ctx, void *dst, size_t bytes)
 // [C,R] one, its transpose. So every row-major product is computed as its transpose with
 // the operands swapped: y = x W^T  <=>  y^T = W x^T.
 
+// C [m,n] (col-major, ldc) = A' B' + beta C with A' = op(A), B' = op(B) as cublasSgemm takes
+// them; in NSA_PRECISION_BF16 the operands (na and nb elements, dense) are rounded to bf16
+// first and multiplied on tensor cores with fp32 accumulation.
+static nsa_status gemm(nsa_context *ctx, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                       int k, const float *A, int lda, size_t na, const float *B, int ldb,
+                       size_t nb, float beta, float *C, int ldc)
+{
+    nsa__cuda_state *s = nsa__cuda(ctx);
+    float one = 1.0f;
+    if (ctx->precision != NSA_PRECISION_BF16) {
+        NSA_CUBLAS_TRY(cublasSgemm(s->cublas, ta, tb, m, n, k, &one, A, lda, B, ldb, &beta, C, ldc));
+        return NSA_OK;
+    }
+    size_t na16 = (na + 7) / 8 * 8;
+    void *mem;
+    NSA_TRY(nsa__cuda_operand_scratch(ctx, (na16 + nb) * sizeof(__nv_bfloat16), &mem));
+    __nv_bfloat16 *A16 = (__nv_bfloat16 *)mem, *B16 = A16 + na16;
+    NSA_TRY(nsa__cuda_f32_to_bf16(ctx, A16, A, na));
+    NSA_TRY(nsa__cuda_f32_to_bf16(ctx, B16, B, nb));
+    NSA_CUBLAS_TRY(cublasGemmEx(s->cublas, ta, tb, m, n, k, &one, A16, CUDA_R_16BF, lda, B16,
+                                CUDA_R_16BF, ldb, &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
+                                CUBLAS_GEMM_DEFAULT));
+    return NSA_OK;
+}
+
 static nsa_status cuda_linear_forward(nsa_context *ctx, float *y, const float *x, const float *W,
                                       const float *bias, int M, int n_in, int n_out)
 {
     if (M == 0 || n_out == 0)
         return NSA_OK;
     nsa__cuda_state *s = nsa__cuda(ctx);
-    float alpha = 1.0f, beta = 0.0f;
+    float beta = 0.0f;
     if (bias) {
         NSA_TRY(nsa__cuda_bias_fill(ctx, y, bias, M, n_out));
         beta = 1.0f;
@@ -124,9 +161,8 @@ static nsa_status cuda_linear_forward(nsa_context *ctx, float *y, const float *x
         return NSA_OK;
     }
     // y^T [O,M] = W [I,O]^T (col-major view of W [O,I]) * x^T [I,M]
-    NSA_CUBLAS_TRY(cublasSgemm(s->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n_out, M, n_in, &alpha, W,
-                               n_in, x, n_in, &beta, y, n_out));
-    return NSA_OK;
+    return gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, n_out, M, n_in, W, n_in, (size_t)n_out * n_in, x,
+                n_in, (size_t)M * n_in, beta, y, n_out);
 }
 
 static nsa_status cuda_linear_backward(nsa_context *ctx, float *dx, float dx_beta, float *dW,
@@ -136,7 +172,6 @@ static nsa_status cuda_linear_backward(nsa_context *ctx, float *dx, float dx_bet
     if (M == 0)
         return NSA_OK;
     nsa__cuda_state *s = nsa__cuda(ctx);
-    float one = 1.0f;
     if (dx && n_in > 0) {
         if (n_out == 0) {
             if (dx_beta == 0.0f)
@@ -145,14 +180,14 @@ static nsa_status cuda_linear_backward(nsa_context *ctx, float *dx, float dx_bet
                 NSA_TRY(nsa__cuda_scale(ctx, dx, dx_beta, (size_t)M * n_in));
         } else {
             // dx^T [I,M] = W^T... in col-major: W viewed [I,O], dy^T viewed [O,M]
-            NSA_CUBLAS_TRY(cublasSgemm(s->cublas, CUBLAS_OP_N, CUBLAS_OP_N, n_in, M, n_out, &one,
-                                       W, n_in, dy, n_out, &dx_beta, dx, n_in));
+            NSA_TRY(gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_N, n_in, M, n_out, W, n_in,
+                         (size_t)n_out * n_in, dy, n_out, (size_t)M * n_out, dx_beta, dx, n_in));
         }
     }
     if (dW && n_in > 0 && n_out > 0) {
         // dW^T [I,O] += x^T [I,M] * dy [M,O]
-        NSA_CUBLAS_TRY(cublasSgemm(s->cublas, CUBLAS_OP_N, CUBLAS_OP_T, n_in, n_out, M, &one, x,
-                                   n_in, dy, n_out, &one, dW, n_in));
+        NSA_TRY(gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_T, n_in, n_out, M, x, n_in, (size_t)M * n_in, dy,
+                     n_out, (size_t)M * n_out, 1.0f, dW, n_in));
     }
     if (dbias && n_out > 0)
         NSA_TRY(nsa__cuda_bias_grad(ctx, dbias, dy, M, n_out));
@@ -192,6 +227,8 @@ static const nsa__backend_ops cuda_ops = {
     .gate_backward = nsa__cuda_gate_backward,
     .attn_forward = nsa__cuda_attn_forward,
     .attn_backward = nsa__cuda_attn_backward,
+    .attn_forward_bf16 = nsa__cuda_attn_forward_bf16,
+    .attn_backward_bf16 = nsa__cuda_attn_backward_bf16,
     .embedding_forward = nsa__cuda_embedding_forward,
     .embedding_backward = nsa__cuda_embedding_backward,
     .cross_entropy = nsa__cuda_cross_entropy,
@@ -208,6 +245,8 @@ static void cuda_destroy(nsa_context *ctx)
         (void)cudaStreamSynchronize(s->stream);
     if (s->scratch)
         (void)cudaFree(s->scratch);
+    if (s->operands)
+        (void)cudaFree(s->operands);
     if (s->cublas)
         (void)cublasDestroy(s->cublas);
     if (s->stream)

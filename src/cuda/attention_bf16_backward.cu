@@ -1,0 +1,566 @@
+/*
+ * attention_bf16_backward.cu — the backward of the three attention paths with bf16 operands
+ * on the tensor cores (fp32 accumulation), from the forward's saved paths and lse:
+ *
+ *   bf16_bwd_prep:  dgates[row, p] = dout . o_p; D[row, p] = gate_p * dgates[row, p]; dout
+ *                   as bf16 (the MMA operand).
+ *   bf16_bwd_dq:    query-centric, the forward's tile (64 rows of one kv head, the three
+ *                   paths' key chunks streamed as in the forward, the selected blocks as the
+ *                   union of the tile's choices): S = Q K^T, dP = dO V^T,
+ *                   dS = P (gate dP - D), dQ += dS K — in registers, no atomics.
+ *   bf16_bwd_dkv:   key-centric, one block per tile of 64 keys (window: every query that
+ *                   sees them, written; compressed: pieces of the queries, added; selected:
+ *                   work items of the inverted selection index, added): S^T = K Q^T,
+ *                   dP^T = V dO^T, dV += (gate P)^T dO, dK += dS^T Q. Partial sums of
+ *                   several blocks meet in one fp32 atomic add per element and block.
+ * With P = exp(S scale - lse) from the forward's lse, so the softmax is not redone.
+ */
+#include "cuda/attention_bf16.cuh"
+
+// ---------------------------------------------------------------------------------------
+// Preparation: one warp per row
+
+__global__ void bf16_bwd_prep_kernel(float *dgates, float *Dp, bf16 *dO16, const float *dout,
+                                     const float *o_paths, const float *gates, size_t rows, int d)
+{
+    int lane = threadIdx.x % 32;
+    size_t warp = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32;
+    size_t nwarps = (size_t)gridDim.x * blockDim.x / 32;
+    for (size_t row = warp; row < rows; row += nwarps) {
+        float a[3] = {0.0f, 0.0f, 0.0f};
+        for (int c = lane; c < d; c += 32) {
+            size_t i = row * d + c;
+            float x = dout[i];
+            dO16[i] = __float2bfloat16_rn(x);
+#pragma unroll
+            for (int p = 0; p < 3; p++)
+                a[p] = fmaf(x, o_paths[(size_t)p * rows * d + i], a[p]);
+        }
+#pragma unroll
+        for (int p = 0; p < 3; p++) {
+            float sum = warp_sum(a[p]);
+            if (lane == 0) {
+                dgates[row * 3 + p] = sum;
+                Dp[row * 3 + p] = gates[row * 3 + p] * sum;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// dq: query-centric
+
+template <int DP> static size_t dq_smem_bytes(const attn_shape &s)
+{
+    return 6 * mcfg<DP>::TILE + sizeof(tile_rows) +
+           (2 * (size_t)tile_positions(s.hpg) * s.n + 1) * sizeof(int) +
+           (size_t)((s.nb + 31) / 32) * sizeof(unsigned);
+}
+
+// Per-row constants of one path for the thread's rows g and g + 8.
+struct path_rows {
+    float lse2[2], gate[2], D[2];
+};
+
+// One key chunk of dq: mask ok(i, kk).
+template <int DP, class Ok>
+__device__ __forceinline__ void dq_step(float (&dq)[DP / 8][4], const uint32_t (&qf)[DP / 16][4],
+                                        const uint32_t (&of)[DP / 16][4], const bf16 *Kt,
+                                        const bf16 *Vt, const path_rows &pr, float sl2, int lane,
+                                        Ok ok)
+{
+    float sc[8][4], dp[8][4];
+    mma_rows_keys<DP>(sc, qf, Kt, lane);
+    mma_rows_keys<DP>(dp, of, Vt, lane);
+    int c = lane % 4;
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int i = e / 2, kk = nt * 8 + 2 * c + (e & 1);
+            float p = ok(i, kk) ? exp2f(sc[nt][e] * sl2 - pr.lse2[i]) : 0.0f;
+            sc[nt][e] = p * (pr.gate[i] * dp[nt][e] - pr.D[i]);
+        }
+    mma_p_v<DP>(dq, sc, Kt, lane); // dQ += dS K: K's rows play V's part
+}
+
+template <int DP>
+__global__ void __launch_bounds__(MMA_THREADS, 2)
+    bf16_bwd_dq_kernel(float *dq, const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *kc,
+                       const bf16 *vc, const bf16 *dO16, const float *gates, const float *lse3,
+                       const float *Dp, const int32_t *idx, attn_shape s)
+{
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int LD = mcfg<DP>::LD;
+    bf16 *Qs = (bf16 *)smem_raw, *Os = Qs + NB * LD, *Ks = Os + NB * LD, *Vs = Ks + 2 * NB * LD;
+    tile_rows *tr = (tile_rows *)(Vs + 2 * NB * LD);
+    int *sidx = (int *)(tr + 1);
+    int *ulist = sidx + tile_positions(s.hpg) * s.n;
+    int *nunion = ulist + tile_positions(s.hpg) * s.n;
+    unsigned *bitmap = (unsigned *)(nunion + 1);
+    int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
+    tile_rows_init(tr, s, tile, g, b);
+    __syncthreads();
+    load_row_tile<DP>(Qs, q, tr, s.d);
+    load_row_tile<DP>(Os, dO16, tr, s.d);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    uint32_t qf[DP / 16][4], of[DP / 16][4];
+    load_a_frags<DP>(qf, Qs, warp, lane);
+    load_a_frags<DP>(of, Os, warp, lane);
+
+    long long first_rg = (long long)tile * MB;
+    long long last_rg = min(first_rg + MB - 1, (long long)s.Tq * s.hpg - 1);
+    int t_first = (int)(first_rg / s.hpg), t_last = (int)(last_rg / s.hpg);
+    int trow[2];
+    path_rows pr[3];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        int r = warp * 16 + gq + 8 * i;
+        trow[i] = tr->t[r];
+        size_t row = (size_t)tr->row[r];
+#pragma unroll
+        for (int p = 0; p < 3; p++) {
+            float l = trow[i] >= 0 ? lse3[row * 3 + p] : -INFINITY;
+            // a row with no key on a path has no gradient from it (its mask is all false)
+            pr[p].lse2[i] = l == -INFINITY ? 0.0f : l * LOG2E;
+            pr[p].gate[i] = trow[i] >= 0 ? gates[row * 3 + p] : 0.0f;
+            pr[p].D[i] = trow[i] >= 0 ? Dp[row * 3 + p] : 0.0f;
+        }
+    }
+    const float sl2 = s.scale * LOG2E;
+    float acc[DP / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < DP / 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            acc[nt][e] = 0.0f;
+    size_t stride = (size_t)s.G * s.d;
+
+    // compressed
+    {
+        int vis[2];
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+            vis[i] = trow[i] < 0 ? 0 : visible_cmp(s, trow[i]);
+        int nc_max = visible_cmp(s, t_last);
+        size_t base = (size_t)b * s.Tc * stride + (size_t)g * s.d;
+        stream_chunks<DP>(
+            Ks, Vs, kc, vc, base, stride, s.d, (nc_max + NB - 1) / NB,
+            [&](int i, int &key0, int &cnt) {
+                key0 = i * NB;
+                cnt = min(NB, nc_max - key0);
+            },
+            [&](int, int key0, int, const bf16 *Kt, const bf16 *Vt) {
+                dq_step<DP>(acc, qf, of, Kt, Vt, pr[PATH_CMP], sl2, lane,
+                            [&](int ii, int kk) { return key0 + kk < vis[ii]; });
+            });
+    }
+    size_t base = (size_t)b * s.T * stride + (size_t)g * s.d;
+    // window
+    {
+        int lo = max(0, t_first - s.w + 1);
+        stream_chunks<DP>(
+            Ks, Vs, k, v, base, stride, s.d, (t_last - lo + NB) / NB,
+            [&](int i, int &key0, int &cnt) {
+                key0 = lo + i * NB;
+                cnt = min(NB, t_last + 1 - key0);
+            },
+            [&](int, int key0, int, const bf16 *Kt, const bf16 *Vt) {
+                dq_step<DP>(acc, qf, of, Kt, Vt, pr[PATH_WIN], sl2, lane, [&](int ii, int kk) {
+                    int pos = key0 + kk;
+                    return pos <= trow[ii] && pos > trow[ii] - s.w;
+                });
+            });
+    }
+    // selected: the union of the tile's blocks
+    build_union(sidx, ulist, nunion, bitmap, idx, s, b, g, t_first, t_last);
+    {
+        int subs = (s.b + NB - 1) / NB;
+        int pl[2];
+        bool member[2] = {false, false};
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+            pl[i] = trow[i] < 0 ? -1 : trow[i] - t_first;
+        stream_chunks<DP>(
+            Ks, Vs, k, v, base, stride, s.d, *nunion * subs,
+            [&](int i, int &key0, int &cnt) {
+                int u = ulist[i / subs];
+                key0 = u * s.b + (i % subs) * NB;
+                cnt = max(0, min(NB, min(u * s.b + s.b, t_last + 1) - key0));
+            },
+            [&](int i, int key0, int cnt, const bf16 *Kt, const bf16 *Vt) {
+                if (i % subs == 0) {
+                    int u = ulist[i / subs];
+#pragma unroll
+                    for (int ii = 0; ii < 2; ii++)
+                        member[ii] = pl[ii] >= 0 && holds(sidx + pl[ii] * s.n, s.n, u);
+                }
+                if (__any_sync(0xffffffffu, member[0] || member[1]))
+                    dq_step<DP>(acc, qf, of, Kt, Vt, pr[PATH_SLC], sl2, lane,
+                                [&](int ii, int kk) {
+                                    return member[ii] && kk < cnt && key0 + kk <= trow[ii];
+                                });
+            });
+    }
+#pragma unroll
+    for (int nt = 0; nt < DP / 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            acc[nt][e] *= s.scale;
+    store_frag_rows<DP>(dq, tr, acc, warp, lane, s.d);
+    (void)c4;
+}
+
+// ---------------------------------------------------------------------------------------
+// dk, dv: key-centric
+
+template <int DP> static size_t dkv_smem_bytes()
+{
+    return 6 * mcfg<DP>::TILE + 2 * MB * (3 * sizeof(float) + sizeof(int));
+}
+
+template <int DP, int PATH>
+__global__ void __launch_bounds__(MMA_THREADS, 2)
+    bf16_bwd_dkv_kernel(float *dK, float *dV, const bf16 *q, const bf16 *dO16, const bf16 *K,
+                        const bf16 *V, const float *gates, const float *lse3, const float *Dp,
+                        const int *list_offsets, const int *lists, const int *item_start,
+                        int split, attn_shape s)
+{
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int LD = mcfg<DP>::LD;
+    bf16 *Ks = (bf16 *)smem_raw, *Vs = Ks + NB * LD, *Qs = Vs + NB * LD, *Os = Qs + 2 * NB * LD;
+    float *lse_s = (float *)(Os + 2 * NB * LD), *gate_s = lse_s + 2 * MB, *D_s = gate_s + 2 * MB;
+    int *t_s = (int *)(D_s + 2 * MB);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
+    int Tk = PATH == PATH_CMP ? s.Tc : s.T;
+
+    // The key tile and its query rows [rg_begin, rg_end) (as the fp32 kernel: window: all
+    // queries that see the tile, written; compressed: a piece of `split` rows, added;
+    // selected: a work item of `split` positions of the block's list, added).
+    int g, b, key0, key_end, t0 = 0;
+    long long rg_begin = 0, rg_end;
+    const int *list = NULL;
+    if (PATH == PATH_SLC) {
+        int n_keys = s.B * s.G * s.nb, item = blockIdx.x;
+        if (item >= item_start[n_keys])
+            return;
+        int lo = 0, hi = n_keys - 1;
+        while (lo < hi) {
+            int mid = (lo + hi + 1) / 2;
+            if (item_start[mid] <= item)
+                lo = mid;
+            else
+                hi = mid - 1;
+        }
+        int key = lo, seg = item - item_start[lo];
+        int blk = key % s.nb;
+        g = (key / s.nb) % s.G;
+        b = key / (s.nb * s.G);
+        key0 = blk * s.b + blockIdx.y * NB;
+        key_end = min(min(key0 + NB, blk * s.b + s.b), s.T);
+        int off = list_offsets[key], count = list_offsets[key + 1] - off;
+        int first = seg * split, npos = min(split, count - first);
+        list = lists + off + first;
+        rg_end = (long long)npos * s.hpg;
+    } else {
+        g = blockIdx.y;
+        b = blockIdx.z;
+        int tiles = (Tk + NB - 1) / NB;
+        int tile = PATH == PATH_CMP ? blockIdx.x % tiles : blockIdx.x;
+        key0 = tile * NB;
+        key_end = min(key0 + NB, Tk);
+        t0 = PATH == PATH_CMP ? key0 * s.r + s.l - 1 : key0;
+        int t1 = PATH == PATH_CMP ? s.T - 1 : min(s.T - 1, key_end - 1 + s.w - 1);
+        long long num_rows = t1 >= t0 ? (long long)(t1 - t0 + 1) * s.hpg : 0;
+        rg_end = num_rows;
+        if (PATH == PATH_CMP) {
+            rg_begin = (long long)(blockIdx.x / tiles) * split;
+            if (rg_begin >= num_rows)
+                return;
+            rg_end = min(num_rows, rg_begin + split);
+        }
+    }
+    if (key0 >= key_end || rg_begin >= rg_end)
+        return;
+    int cnt = key_end - key0;
+    size_t stride = (size_t)s.G * s.d, kbase = (size_t)b * Tk * stride + (size_t)g * s.d;
+    load_tile<DP>(Ks, K, kbase, stride, key0, cnt, s.d);
+    load_tile<DP>(Vs, V, kbase, stride, key0, cnt, s.d);
+
+    // query row r of the piece: position and row index
+    auto row_of = [&](long long rg, int &t, size_t &row) {
+        int qi = (int)(rg / s.hpg), hh = (int)(rg % s.hpg);
+        t = PATH == PATH_SLC ? list[qi] : t0 + qi;
+        row = ((size_t)b * s.T + t) * s.H + (size_t)g * s.hpg + hh;
+    };
+    auto load_rows = [&](long long rg0, int stg) {
+        const int CH = DP / 8;
+        for (int e = threadIdx.x; e < MB * CH; e += MMA_THREADS) {
+            int r = e / CH, c = (e % CH) * 8;
+            long long rg = rg0 + r;
+            bool ok = rg < rg_end && c < s.d;
+            int t = 0;
+            size_t row = 0;
+            if (ok)
+                row_of(rg, t, row);
+            const bf16 *sq = ok ? q + row * s.d + c : q, *so = ok ? dO16 + row * s.d + c : dO16;
+            cp_async16(Qs + stg * NB * LD + r * LD + c, sq, ok ? 16 : 0);
+            cp_async16(Os + stg * NB * LD + r * LD + c, so, ok ? 16 : 0);
+        }
+        for (int r = threadIdx.x; r < MB; r += MMA_THREADS) {
+            long long rg = rg0 + r;
+            int t = -1;
+            size_t row = 0;
+            if (rg < rg_end)
+                row_of(rg, t, row);
+            float l = t >= 0 ? lse3[row * 3 + PATH] : -INFINITY;
+            t_s[stg * MB + r] = l == -INFINITY ? -1 : t; // no key on this path: no gradient
+            lse_s[stg * MB + r] = l == -INFINITY ? 0.0f : l * LOG2E;
+            gate_s[stg * MB + r] = t >= 0 ? gates[row * 3 + PATH] : 0.0f;
+            D_s[stg * MB + r] = t >= 0 ? Dp[row * 3 + PATH] : 0.0f;
+        }
+    };
+
+    const float sl2 = s.scale * LOG2E;
+    float dk[DP / 8][4], dv[DP / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < DP / 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            dk[nt][e] = dv[nt][e] = 0.0f;
+    int kpos[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+        kpos[i] = key0 + warp * 16 + gq + 8 * i;
+    int ntiles = (int)((rg_end - rg_begin + MB - 1) / MB);
+    load_rows(rg_begin, 0);
+    cp_async_commit();
+    for (int it = 0; it < ntiles; it++) {
+        int stg = it & 1;
+        if (it + 1 < ntiles)
+            load_rows(rg_begin + (long long)(it + 1) * MB, stg ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const bf16 *Qt = Qs + stg * NB * LD, *Ot = Os + stg * NB * LD;
+        const int *ts = t_s + stg * MB;
+        const float *ls = lse_s + stg * MB, *gs = gate_s + stg * MB, *Ds = D_s + stg * MB;
+        float st[8][4], dpt[8][4];
+        mma_rows_keys_sa<DP>(st, Ks, warp * 16, Qt, lane);  // S^T: keys x rows
+        mma_rows_keys_sa<DP>(dpt, Vs, warp * 16, Ot, lane); // dP^T
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int i = e / 2, col = nt * 8 + 2 * c4 + (e & 1);
+                int t = ts[col], pos = kpos[i];
+                bool ok = t >= 0 && pos < key_end;
+                if (PATH == PATH_CMP)
+                    ok = ok && pos * s.r + s.l - 1 <= t;
+                else if (PATH == PATH_WIN)
+                    ok = ok && pos <= t && pos > t - s.w;
+                else
+                    ok = ok && pos <= t;
+                float p = ok ? exp2f(st[nt][e] * sl2 - ls[col]) : 0.0f;
+                float gate = gs[col];
+                st[nt][e] = p * gate;                          // dV += (gate P)^T dO
+                dpt[nt][e] = p * (gate * dpt[nt][e] - Ds[col]); // dK += dS^T Q
+            }
+        mma_p_v<DP>(dv, st, Ot, lane);
+        mma_p_v<DP>(dk, dpt, Qt, lane);
+        __syncthreads();
+    }
+    // window: written (=); compressed and selected: added
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (kpos[i] >= key_end)
+            continue;
+        size_t at = kbase + (size_t)kpos[i] * stride;
+#pragma unroll
+        for (int nt = 0; nt < DP / 8; nt++) {
+            int col = nt * 8 + 2 * c4;
+            if (col >= s.d)
+                continue;
+            float k0 = dk[nt][2 * i] * s.scale, k1 = dk[nt][2 * i + 1] * s.scale;
+            float v0 = dv[nt][2 * i], v1 = dv[nt][2 * i + 1];
+            if (PATH == PATH_WIN) {
+                *reinterpret_cast<float2 *>(dK + at + col) = make_float2(k0, k1);
+                *reinterpret_cast<float2 *>(dV + at + col) = make_float2(v0, v1);
+            } else {
+                atomicAdd(dK + at + col, k0);
+                atomicAdd(dK + at + col + 1, k1);
+                atomicAdd(dV + at + col, v0);
+                atomicAdd(dV + at + col + 1, v1);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The op
+
+template <int DP>
+static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float *dq, float *dk,
+                                   float *dv, float *dkc, float *dvc, const bf16 *q,
+                                   const bf16 *k, const bf16 *v, const bf16 *kc, const bf16 *vc,
+                                   const bf16 *dO16, const float *gates, const int32_t *idx,
+                                   const float *lse, const float *Dp, int *ws)
+{
+    cudaStream_t st = nsa__cuda_stream(ctx);
+    long long tiles = ((long long)s.T * s.hpg + MB - 1) / MB;
+    size_t bytes = dq_smem_bytes<DP>(s);
+    NSA_TRY(allow_smem(ctx, bf16_bwd_dq_kernel<DP>, bytes));
+    bf16_bwd_dq_kernel<DP><<<dim3((unsigned)tiles, s.G, s.B), MMA_THREADS, bytes, st>>>(
+        dq, q, k, v, kc, vc, dO16, gates, lse, Dp, idx, s);
+    NSA_CUDA_LAUNCHED("bf16_bwd_dq_kernel");
+
+    size_t kv_bytes = dkv_smem_bytes<DP>();
+    NSA_TRY(allow_smem(ctx, bf16_bwd_dkv_kernel<DP, PATH_WIN>, kv_bytes));
+    bf16_bwd_dkv_kernel<DP, PATH_WIN><<<dim3((s.T + NB - 1) / NB, s.G, s.B), MMA_THREADS,
+                                        kv_bytes, st>>>(dk, dv, q, dO16, k, v, gates, lse, Dp,
+                                                        NULL, NULL, NULL, 0, s);
+    NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<window>");
+
+    const int split_rows = 64 * MB;
+    size_t nkvc = (size_t)s.B * s.Tc * s.G * s.d;
+    NSA_CUDA_TRY(cudaMemsetAsync(dkc, 0, nkvc * sizeof(float), st));
+    NSA_CUDA_TRY(cudaMemsetAsync(dvc, 0, nkvc * sizeof(float), st));
+    if (s.Tc > 0) {
+        long long pieces = ((long long)s.T * s.hpg + split_rows - 1) / split_rows;
+        long long ctas = pieces * ((s.Tc + NB - 1) / NB);
+        if (ctas > INT32_MAX)
+            return nsa__error(NSA_ERR_UNSUPPORTED, "cuda attention backward: sequence too long");
+        NSA_TRY(allow_smem(ctx, bf16_bwd_dkv_kernel<DP, PATH_CMP>, kv_bytes));
+        bf16_bwd_dkv_kernel<DP, PATH_CMP><<<dim3((unsigned)ctas, s.G, s.B), MMA_THREADS, kv_bytes,
+                                            st>>>(dkc, dvc, q, dO16, kc, vc, gates, lse, Dp, NULL,
+                                                  NULL, NULL, split_rows, s);
+        NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<compressed>");
+    }
+
+    int split_pos = split_rows / s.hpg > 0 ? split_rows / s.hpg : 1;
+    sel_index si;
+    NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, ws, split_pos, &si));
+    int chunks = (s.b + NB - 1) / NB;
+    if (chunks > 65535)
+        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda attention backward: block_size too large");
+    NSA_TRY(allow_smem(ctx, bf16_bwd_dkv_kernel<DP, PATH_SLC>, kv_bytes));
+    bf16_bwd_dkv_kernel<DP, PATH_SLC><<<dim3((unsigned)si.max_items, chunks, 1), MMA_THREADS,
+                                        kv_bytes, st>>>(dk, dv, q, dO16, k, v, gates, lse, Dp,
+                                                        si.offsets, si.lists, si.item_start,
+                                                        split_pos, s);
+    NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<selected>");
+    return NSA_OK;
+}
+
+nsa_status nsa__cuda_attn_backward_bf16(nsa_context *ctx, const nsa__attn_dims *dims,
+                                        const uint16_t *q16, const uint16_t *k16,
+                                        const uint16_t *v16, const uint16_t *kc16,
+                                        const uint16_t *vc16, const float *gates,
+                                        const int32_t *idx, const float *o_paths,
+                                        const float *lse, const float *dout, float *dq,
+                                        float *dk, float *dv, float *dkc, float *dvc,
+                                        float *dgates)
+{
+    const bf16 *q = (const bf16 *)q16, *k = (const bf16 *)k16, *v = (const bf16 *)v16;
+    const bf16 *kc = (const bf16 *)kc16, *vc = (const bf16 *)vc16;
+    attn_shape s = shape_of(dims);
+    if (s.q_start != 0)
+        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda attention backward: q_start = %d: the "
+                                               "backward runs on full sequences only",
+                          s.q_start);
+    if (s.T <= 0 || s.B <= 0)
+        return NSA_OK;
+    const void *ptrs[] = {q, k, v, kc, vc, dq, dk, dv, dkc, dvc};
+    if (!bf16_supported(s, ptrs, 10))
+        return nsa__error(NSA_ERR_UNSUPPORTED,
+                          "cuda bf16 attention: head_dim = %d: needs a multiple of 8 up to 128 "
+                          "and 16-byte aligned buffers",
+                          s.d);
+    size_t rows = (size_t)s.B * s.T * s.H;
+    // scratch: D [rows, 3], dout as bf16, the selection index
+    size_t bytes = rows * 3 * sizeof(float) + ((rows * s.d * sizeof(bf16) + 15) / 16) * 16 +
+                   nsa__cuda_sel_ws_ints(s) * sizeof(int);
+    void *mem;
+    NSA_TRY(nsa__cuda_scratch(ctx, bytes, &mem));
+    bf16 *dO16 = (bf16 *)mem;
+    float *Dp = (float *)((char *)mem + ((rows * s.d * sizeof(bf16) + 15) / 16) * 16);
+    int *ws = (int *)(Dp + rows * 3);
+    cudaStream_t st = nsa__cuda_stream(ctx);
+    bf16_bwd_prep_kernel<<<nsa__cuda_blocks(rows * 32, 256), 256, 0, st>>>(dgates, Dp, dO16, dout,
+                                                                           o_paths, gates, rows,
+                                                                           s.d);
+    NSA_CUDA_LAUNCHED("bf16_bwd_prep_kernel");
+    if (s.d <= 64)
+        return bf16_backward_dp<64>(ctx, s, dq, dk, dv, dkc, dvc, q, k, v, kc, vc, dO16, gates,
+                                    idx, lse, Dp, ws);
+    return bf16_backward_dp<128>(ctx, s, dq, dk, dv, dkc, dvc, q, k, v, kc, vc, dO16, gates, idx,
+                                 lse, Dp, ws);
+}
+
+// ---------------------------------------------------------------------------------------
+// NSA_PRECISION_BF16 through the fp32 ops
+
+// bf16 copies of q [nq], k, v [nkv], kc, vc [nkvc] in the operand scratch.
+static nsa_status operands_bf16(nsa_context *ctx, const float *q, const float *k, const float *v,
+                                const float *kc, const float *vc, size_t nq, size_t nkv,
+                                size_t nkvc, uint16_t *(&out)[5])
+{
+    size_t n[5] = {nq, nkv, nkv, nkvc, nkvc}, total = 0;
+    for (int i = 0; i < 5; i++)
+        total += (n[i] + 7) / 8 * 8; // 16-byte aligned pieces
+    void *mem;
+    NSA_TRY(nsa__cuda_operand_scratch(ctx, total * sizeof(bf16), &mem));
+    const float *src[5] = {q, k, v, kc, vc};
+    bf16 *at = (bf16 *)mem;
+    for (int i = 0; i < 5; i++) {
+        out[i] = (uint16_t *)at;
+        NSA_TRY(nsa__cuda_f32_to_bf16(ctx, at, src[i], n[i]));
+        at += (n[i] + 7) / 8 * 8;
+    }
+    return NSA_OK;
+}
+
+nsa_status nsa__cuda_attn_forward_as_bf16(nsa_context *ctx, const nsa__attn_dims *dims,
+                                          const float *q, const float *k, const float *v,
+                                          const float *kc, const float *vc, const float *gates,
+                                          const int32_t *given_idx, int32_t *idx, float *out,
+                                          float *o_paths, float *lse, int *done)
+{
+    attn_shape s = shape_of(dims);
+    const void *ptrs[] = {out, o_paths};
+    *done = 0;
+    if (!bf16_supported(s, ptrs, 2))
+        return NSA_OK;
+    uint16_t *op[5];
+    NSA_TRY(operands_bf16(ctx, q, k, v, kc, vc, (size_t)s.B * s.Tq * s.H * s.d,
+                          (size_t)s.B * s.T * s.G * s.d, (size_t)s.B * s.Tc * s.G * s.d, op));
+    NSA_TRY(nsa__cuda_attn_forward_bf16(ctx, dims, op[0], op[1], op[2], op[3], op[4], gates,
+                                        given_idx, idx, out, o_paths, lse));
+    *done = 1;
+    return NSA_OK;
+}
+
+nsa_status nsa__cuda_attn_backward_as_bf16(nsa_context *ctx, const nsa__attn_dims *dims,
+                                           const float *q, const float *k, const float *v,
+                                           const float *kc, const float *vc, const float *gates,
+                                           const int32_t *idx, const float *o_paths,
+                                           const float *lse, const float *dout, float *dq,
+                                           float *dk, float *dv, float *dkc, float *dvc,
+                                           float *dgates, int *done)
+{
+    attn_shape s = shape_of(dims);
+    const void *ptrs[] = {dq, dk, dv, dkc, dvc};
+    *done = 0;
+    if (!bf16_supported(s, ptrs, 5))
+        return NSA_OK;
+    uint16_t *op[5];
+    NSA_TRY(operands_bf16(ctx, q, k, v, kc, vc, (size_t)s.B * s.T * s.H * s.d,
+                          (size_t)s.B * s.T * s.G * s.d, (size_t)s.B * s.Tc * s.G * s.d, op));
+    NSA_TRY(nsa__cuda_attn_backward_bf16(ctx, dims, op[0], op[1], op[2], op[3], op[4], gates, idx,
+                                         o_paths, lse, dout, dq, dk, dv, dkc, dvc, dgates));
+    *done = 1;
+    return NSA_OK;
+}
