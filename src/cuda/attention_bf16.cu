@@ -3,13 +3,15 @@
  * cores (mma.sync m16n8k16, fp32 accumulation): the forward kernels and the bf16 forward op.
  * The tile layout and the step are in attention_bf16.cuh.
  *
- *   bf16_cmp:    compressed path; with cmp_attn, a second pass over the same compressed keys
- *                turns the probabilities (fp32, from the saved lse) into block scores and a
- *                warp per position picks the top n (scoring + top-k fused; no T x blocks
- *                score tensor in global memory).
- *   bf16_slcwin: sliding window, then the selected blocks — the union of the blocks the
- *                tile's positions chose, streamed once for all of them; a warp skips a block
- *                none of its rows chose and masks rows that did not — and the gated sum.
+ *   bf16_cmp:    compressed path (o_cmp, lse).
+ *   bf16_score:  with cmp_attn, a second pass over the same compressed keys turns the
+ *                probabilities (fp32, from the saved lse) into block scores and a warp per
+ *                position picks the top n (scoring + top-k fused; no T x blocks score tensor
+ *                in global memory).
+ *   bf16_win:    sliding window (o_win, lse).
+ *   bf16_slc:    the selected blocks — the union of the blocks the tile's positions chose,
+ *                streamed once for all of them; a warp skips a block none of its rows chose
+ *                and masks rows that did not — and the gated sum.
  * Outputs (out, o_paths, lse) are fp32. Probabilities are rounded to bf16 only as the A
  * operand of P V; the softmax sums and the block scores use the fp32 values.
  */
@@ -51,143 +53,194 @@ nsa_status nsa__cuda_f32_to_bf16(nsa_context *ctx, bf16 *dst, const float *src, 
 }
 
 // ---------------------------------------------------------------------------------------
-// Compressed path (+ fused cmp_attn scoring and top-k)
+// Compressed path
 
-// Shared memory: Q tile, two stages of K and V tiles, the tile's rows, then (scoring) the
-// block scores of the tile's positions and the selection scratch of each warp. The scoring
-// pass keeps P (fp32, MB x (NB + 4)) where the V stages were.
-template <int DP> static size_t cmp_smem_bytes(const attn_shape &s, bool score)
+// Rows per thread block of the forward kernels: 64 MT, MT m-tiles of 16 rows per warp (each
+// K and V fragment loaded from shared memory serves MT row tiles; MT = 2 unless
+// NSA_CUDA_BF16_MT=1).
+
+template <int DP, int R> static size_t attn_smem_bytes()
 {
-    size_t bytes = 5 * mcfg<DP>::TILE + sizeof(tile_rows);
-    if (score)
-        bytes += (size_t)(MB / s.hpg) * s.nb * sizeof(float) + 4 * (size_t)s.n * sizeof(int);
-    return bytes;
+    return (size_t)R * mcfg<DP>::LD * sizeof(bf16) + 4 * mcfg<DP>::TILE + sizeof(mrows<R>);
 }
 
-template <int DP, bool SCORE>
+template <int DP, int MT>
 __global__ void __launch_bounds__(MMA_THREADS, 2)
-    bf16_cmp_kernel(float *o_cmp, float *lse3, int32_t *idx, const bf16 *q, const bf16 *kc,
-                    const bf16 *vc, attn_shape s)
+    bf16_cmp_kernel(float *o_cmp, float *lse3, const bf16 *q, const bf16 *kc, const bf16 *vc,
+                    attn_shape s)
 {
+    const int R = 64 * MT, LD = mcfg<DP>::LD;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    const int LD = mcfg<DP>::LD;
-    bf16 *Qs = (bf16 *)smem_raw, *Ks = Qs + NB * LD, *Vs = Ks + 2 * NB * LD;
-    tile_rows *tr = (tile_rows *)(Vs + 2 * NB * LD);
+    bf16 *Qs = (bf16 *)smem_raw, *Ks = Qs + R * LD, *Vs = Ks + 2 * NB * LD;
+    mrows<R> *tr = (mrows<R> *)(Vs + 2 * NB * LD);
     int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
-    tile_rows_init(tr, s, tile, g, b);
+    int row0 = warp * 16 * MT;
+    mrows_init<R>(tr, s, tile, g, b);
     __syncthreads();
-    load_row_tile<DP>(Qs, q, tr, s.d);
+    load_row_tile<DP, R>(Qs, q, tr, s.d);
     cp_async_commit();
-
-    long long last_rg = min((long long)tile * MB + MB - 1, (long long)s.Tq * s.hpg - 1);
-    int t_last = s.q_start + (int)(last_rg / s.hpg);
-    int nc_max = visible_cmp(s, t_last);
-    int vis[2];
+    long long last_rg = min((long long)tile * R + R - 1, (long long)s.Tq * s.hpg - 1);
+    int nc_max = visible_cmp(s, s.q_start + (int)(last_rg / s.hpg));
+    int vis[MT][2];
 #pragma unroll
-    for (int i = 0; i < 2; i++) {
-        int t = tr->t[warp * 16 + gq + 8 * i];
-        vis[i] = t < 0 ? 0 : visible_cmp(s, t);
-    }
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            int t = tr->t[row0 + mt * 16 + gq + 8 * i];
+            vis[mt][i] = t < 0 ? 0 : visible_cmp(s, t);
+        }
     size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.Tc * stride + (size_t)g * s.d;
-    int nch = (nc_max + NB - 1) / NB;
-    if (nch > 0) {
-        load_tile<DP>(Ks, kc, base, stride, 0, min(NB, nc_max), s.d);
-        load_tile<DP>(Vs, vc, base, stride, 0, min(NB, nc_max), s.d);
+    const float sl2 = s.scale * LOG2E;
+    fwd_acc<DP, MT> acc;
+    acc.reset();
+    stream_chunks<DP>(
+        Ks, Vs, kc, vc, base, stride, s.d, (nc_max + NB - 1) / NB,
+        [&](int i, int &key0, int &cnt) {
+            key0 = i * NB;
+            cnt = min(NB, nc_max - key0);
+        },
+        [&](int, int key0, int, const bf16 *Kt, const bf16 *Vt) {
+            fwd_step<DP, MT>(acc, Qs, row0, Kt, Vt, sl2, lane, ~0u,
+                             [&](int mt, int ii, int kk) { return key0 + kk < vis[mt][ii]; });
+        });
+    cp_async_wait<0>();
+    float lse[MT][2];
+    acc.finish(lse);
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        store_frag_rows<DP>(o_cmp, tr->t, tr->row, acc.o[mt], row0 + mt * 16, lane, s.d);
+        if (c4 == 0)
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                int r = row0 + mt * 16 + gq + 8 * i;
+                if (tr->t[r] >= 0)
+                    lse3[(size_t)tr->row[r] * 3 + 0] = lse[mt][i];
+            }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// cmp_attn block scores and top-n, fused: per tile of 64 rows = QT = 64 / hpg whole
+// positions, S = Q Kc^T again, P = exp(S scale - lse) (fp32, the compressed path's lse),
+// summed over each position's heads, then over the compressed tokens overlapping each block;
+// a warp per position picks the top n. No T x blocks score tensor leaves shared memory.
+
+template <int DP> static size_t score_smem_bytes(const attn_shape &s)
+{
+    int QT = MB / s.hpg, slots = QT > 4 ? QT : 4;
+    return 3 * mcfg<DP>::TILE + sizeof(mrows<MB>) + (size_t)QT * s.nb * sizeof(float) +
+           4 * (size_t)s.n * sizeof(int) + (size_t)slots * NB * sizeof(float);
+}
+
+template <int DP>
+__global__ void __launch_bounds__(MMA_THREADS, 3)
+    bf16_score_kernel(int32_t *idx, const float *lse3, const bf16 *q, const bf16 *kc, attn_shape s)
+{
+    const int LD = mcfg<DP>::LD;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16 *Qs = (bf16 *)smem_raw, *Ks = Qs + NB * LD;
+    mrows<MB> *tr = (mrows<MB> *)(Ks + 2 * NB * LD);
+    int QT = MB / s.hpg;
+    float *score = (float *)(tr + 1);
+    int *tmp = (int *)(score + (size_t)QT * s.nb);
+    // P of a chunk summed over slots of min(hpg, 16) rows: a warp (hpg >= 16, a position
+    // spans hpg / 16 warps) or a position (hpg < 16); [slots][NB]
+    float *ssum = (float *)(tmp + 4 * s.n);
+    bool wide = s.hpg >= 16;
+    int spp = wide ? s.hpg / 16 : 1; // slots per position
+    int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
+    mrows_init<MB>(tr, s, tile, g, b);
+    for (int e = threadIdx.x; e < QT * s.nb; e += MMA_THREADS)
+        score[e] = 0.0f;
+    __syncthreads();
+    load_row_tile<DP, MB>(Qs, q, tr, s.d);
     cp_async_commit();
-    cp_async_wait<1>();
+    cp_async_wait<0>();
     __syncthreads();
     uint32_t qf[DP / 16][4];
     load_a_frags<DP>(qf, Qs, warp, lane);
-
+    long long last_rg = min((long long)tile * MB + MB - 1, (long long)s.Tq * s.hpg - 1);
+    int nc_max = visible_cmp(s, s.q_start + (int)(last_rg / s.hpg));
+    int vis[2];
+    float l2[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        int r = warp * 16 + gq + 8 * i, t = tr->t[r];
+        vis[i] = t < 0 ? 0 : visible_cmp(s, t);
+        float l = vis[i] > 0 ? lse3[(size_t)tr->row[r] * 3 + 0] : 0.0f;
+        l2[i] = l * LOG2E;
+    }
+    size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.Tc * stride + (size_t)g * s.d;
     const float sl2 = s.scale * LOG2E;
-    mma_acc<DP> acc;
-    acc.reset();
-    for (int i = 0; i < nch; i++) {
-        int stg = i & 1;
-        if (i + 1 < nch) {
-            int j1 = (i + 1) * NB, cnt = min(NB, nc_max - j1);
-            load_tile<DP>(Ks + (stg ^ 1) * NB * LD, kc, base, stride, j1, cnt, s.d);
-            load_tile<DP>(Vs + (stg ^ 1) * NB * LD, vc, base, stride, j1, cnt, s.d);
-        }
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        int j0 = i * NB;
-        mma_fwd_step<DP>(acc, qf, Ks + stg * NB * LD, Vs + stg * NB * LD, sl2, lane,
-                         [&](int ii, int kk) { return j0 + kk < vis[ii]; });
-        __syncthreads();
-    }
-    float lse[2];
-    acc.finish(lse);
-    store_frag_rows<DP>(o_cmp, tr, acc.o, warp, lane, s.d);
-    if (c4 == 0) {
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            int r = warp * 16 + gq + 8 * i;
-            if (tr->t[r] >= 0)
-                lse3[(size_t)tr->row[r] * 3 + 0] = lse[i];
-        }
-    }
-    if (!SCORE)
-        return;
-
-    // Scores: the tile is QT = MB / hpg whole positions (the launcher checks MB % hpg == 0).
-    const int LP = NB + 4;
-    int QT = MB / s.hpg;
-    float *Ps = (float *)Vs;
-    float *score = (float *)(tr + 1);
-    int *tmp = (int *)(score + (size_t)QT * s.nb);
     int tq0 = tile * QT;
-    float l2[2] = {lse[0] * LOG2E, lse[1] * LOG2E};
-    for (int e = threadIdx.x; e < QT * s.nb; e += MMA_THREADS)
-        score[e] = 0.0f;
-    if (nch > 0)
-        load_tile<DP>(Ks, kc, base, stride, 0, min(NB, nc_max), s.d);
-    cp_async_commit();
-    for (int i = 0; i < nch; i++) {
-        int stg = i & 1;
-        if (i + 1 < nch) {
-            int j1 = (i + 1) * NB;
-            load_tile<DP>(Ks + (stg ^ 1) * NB * LD, kc, base, stride, j1, min(NB, nc_max - j1),
-                          s.d);
-        }
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        int j0 = i * NB, cnt = min(NB, nc_max - j0);
-        float sc[8][4];
-        mma_rows_keys<DP>(sc, qf, Ks + stg * NB * LD, lane);
+    stream_chunks<DP>(
+        Ks, NULL, kc, NULL, base, stride, s.d, (nc_max + NB - 1) / NB,
+        [&](int i, int &key0, int &cnt) {
+            key0 = i * NB;
+            cnt = min(NB, nc_max - key0);
+        },
+        [&](int, int j0, int cnt, const bf16 *Kt, const bf16 *) {
+            float sc[8][4];
+            mma_rows_keys<DP>(sc, qf, Kt, lane);
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++)
+            for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int ii = e / 2, kk = nt * 8 + 2 * c4 + (e & 1);
-                float p = j0 + kk < vis[ii] ? exp2f(sc[nt][e] * sl2 - l2[ii]) : 0.0f;
-                Ps[(warp * 16 + gq + 8 * ii) * LP + kk] = p;
+                for (int e = 0; e < 2; e++) {
+                    int kk = nt * 8 + 2 * c4 + e;
+                    float p0 = j0 + kk < vis[0] ? exp2f(sc[nt][e] * sl2 - l2[0]) : 0.0f;
+                    float p1 = j0 + kk < vis[1] ? exp2f(sc[nt][2 + e] * sl2 - l2[1]) : 0.0f;
+                    if (wide) { // rows g and g + 8 of all 8 row groups
+                        p0 += p1;
+                        p0 += __shfl_xor_sync(0xffffffffu, p0, 4);
+                        p0 += __shfl_xor_sync(0xffffffffu, p0, 8);
+                        p0 += __shfl_xor_sync(0xffffffffu, p0, 16);
+                        if (gq == 0)
+                            ssum[warp * NB + kk] = p0;
+                    } else { // the hpg row groups of a position
+                        for (int o = 4; o < 4 * s.hpg; o <<= 1) {
+                            p0 += __shfl_xor_sync(0xffffffffu, p0, o);
+                            p1 += __shfl_xor_sync(0xffffffffu, p1, o);
+                        }
+                        if (gq % s.hpg == 0) {
+                            ssum[((warp * 16 + gq) / s.hpg) * NB + kk] = p0;
+                            ssum[((warp * 16 + gq + 8) / s.hpg) * NB + kk] = p1;
+                        }
+                    }
+                }
+            // block sums: with hpg <= 16 a warp owns whole positions and sums their blocks
+            // alone; wider positions span warps and wait for each other
+            int j_end = j0 + cnt - 1;
+            int i_lo = j0 * s.r / s.b, i_hi = (j_end * s.r + s.l - 1) / s.b;
+            int nblk = i_hi - i_lo + 1;
+            int p_lo = 0, p_n = QT, e0 = threadIdx.x, step = MMA_THREADS;
+            if (s.hpg <= 16) {
+                p_lo = warp * 16 / s.hpg;
+                p_n = 16 / s.hpg;
+                e0 = lane;
+                step = 32;
+                __syncwarp();
+            } else {
+                __syncthreads();
             }
-        __syncthreads();
-        int j_end = j0 + cnt - 1;
-        int i_lo = j0 * s.r / s.b, i_hi = (j_end * s.r + s.l - 1) / s.b;
-        int nblk = i_hi - i_lo + 1;
-        for (int e = threadIdx.x; e < QT * nblk; e += MMA_THREADS) {
-            int tqi = e / nblk, bi = i_lo + e % nblk;
-            int tq = tq0 + tqi;
-            if (tq >= s.Tq || bi >= num_candidates(s, s.q_start + tq))
-                continue;
-            // tokens j with j*r <= (bi+1)*b - 1 and j*r + l - 1 >= bi*b
-            int a = bi * s.b - s.l + 1;
-            int jl = max(j0, a <= 0 ? 0 : (a + s.r - 1) / s.r);
-            int jh = min(j_end, ((bi + 1) * s.b - 1) / s.r);
-            float sum = 0.0f;
-            for (int hh = 0; hh < s.hpg; hh++)
-                for (int jj = jl; jj <= jh; jj++)
-                    sum += Ps[(tqi * s.hpg + hh) * LP + jj - j0];
-            score[(size_t)tqi * s.nb + bi] += sum;
-        }
-        __syncthreads();
-    }
+            for (int e = e0; e < p_n * nblk; e += step) {
+                int tqi = p_lo + e / nblk, bi = i_lo + e % nblk;
+                int tq = tq0 + tqi;
+                if (tq >= s.Tq || bi >= num_candidates(s, s.q_start + tq))
+                    continue;
+                // tokens j with j*r <= (bi+1)*b - 1 and j*r + l - 1 >= bi*b
+                int a = bi * s.b - s.l + 1;
+                int jl = max(j0, a <= 0 ? 0 : (a + s.r - 1) / s.r);
+                int jh = min(j_end, ((bi + 1) * s.b - 1) / s.r);
+                float sum = 0.0f;
+                for (int sl = tqi * spp; sl < (tqi + 1) * spp; sl++)
+                    for (int jj = jl; jj <= jh; jj++)
+                        sum += ssum[sl * NB + jj - j0];
+                score[(size_t)tqi * s.nb + bi] += sum;
+            }
+            __syncwarp();
+        });
     __syncthreads();
     for (int tqi = warp; tqi < QT; tqi += MMA_THREADS / 32) {
         int tq = tq0 + tqi;
@@ -199,142 +252,156 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 }
 
 // ---------------------------------------------------------------------------------------
-// Sliding window, selected blocks, gated sum
+// Sliding window
 
-template <int DP> static size_t slcwin_smem_bytes(const attn_shape &s)
+template <int DP, int MT>
+__global__ void __launch_bounds__(MMA_THREADS, 2)
+    bf16_win_kernel(float *o_win, float *lse3, const bf16 *q, const bf16 *k, const bf16 *v,
+                    attn_shape s)
 {
-    return 5 * mcfg<DP>::TILE + sizeof(tile_rows) +
-           (2 * (size_t)tile_positions(s.hpg) * s.n + 1) * sizeof(int) +
+    const int R = 64 * MT, LD = mcfg<DP>::LD;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16 *Qs = (bf16 *)smem_raw, *Ks = Qs + R * LD, *Vs = Ks + 2 * NB * LD;
+    mrows<R> *tr = (mrows<R> *)(Vs + 2 * NB * LD);
+    int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
+    int row0 = warp * 16 * MT;
+    mrows_init<R>(tr, s, tile, g, b);
+    __syncthreads();
+    load_row_tile<DP, R>(Qs, q, tr, s.d);
+    cp_async_commit();
+    long long first_rg = (long long)tile * R;
+    long long last_rg = min(first_rg + R - 1, (long long)s.Tq * s.hpg - 1);
+    int t_first = s.q_start + (int)(first_rg / s.hpg), t_last = s.q_start + (int)(last_rg / s.hpg);
+    int trow[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+            trow[mt][i] = tr->t[row0 + mt * 16 + gq + 8 * i];
+    size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.T * stride + (size_t)g * s.d;
+    const float sl2 = s.scale * LOG2E;
+    int lo = max(0, t_first - s.w + 1); // keys lo .. t_last
+    fwd_acc<DP, MT> acc;
+    acc.reset();
+    stream_chunks<DP>(
+        Ks, Vs, k, v, base, stride, s.d, (t_last - lo + NB) / NB,
+        [&](int i, int &key0, int &cnt) {
+            key0 = lo + i * NB;
+            cnt = min(NB, t_last + 1 - key0);
+        },
+        [&](int, int key0, int, const bf16 *Kt, const bf16 *Vt) {
+            fwd_step<DP, MT>(acc, Qs, row0, Kt, Vt, sl2, lane, ~0u, [&](int mt, int ii, int kk) {
+                int pos = key0 + kk;
+                return pos <= trow[mt][ii] && pos > trow[mt][ii] - s.w;
+            });
+        });
+    cp_async_wait<0>();
+    float lse[MT][2];
+    acc.finish(lse);
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        store_frag_rows<DP>(o_win, tr->t, tr->row, acc.o[mt], row0 + mt * 16, lane, s.d);
+        if (lse3 && c4 == 0)
+#pragma unroll
+            for (int ii = 0; ii < 2; ii++) {
+                int r = row0 + mt * 16 + gq + 8 * ii;
+                if (tr->t[r] >= 0)
+                    lse3[(size_t)tr->row[r] * 3 + 2] = lse[mt][ii];
+            }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Selected blocks and the gated sum. A tile of 64 rows streams the union of the blocks its
+// positions chose, once for all of them; a warp skips a block none of its rows chose and
+// masks rows that did not. Q stays in registers so three stages of K and V (two chunks in
+// flight) fit: the path is bound by loading the blocks, not by the tensor cores.
+
+#define SLC_STAGES 3
+
+template <int DP> static size_t slc_smem_bytes(const attn_shape &s)
+{
+    return 2 * SLC_STAGES * mcfg<DP>::TILE + sizeof(mrows<MB>) +
+           (2 * (size_t)tile_positions(MB, s.hpg) * s.n + 1) * sizeof(int) +
            (size_t)((s.nb + 31) / 32) * sizeof(unsigned);
 }
 
 template <int DP>
 __global__ void __launch_bounds__(MMA_THREADS, 2)
-    bf16_slcwin_kernel(float *out, float *o_slc, float *o_win, float *lse3, const float *o_cmp,
-                       const bf16 *q, const bf16 *k, const bf16 *v, const float *gates,
-                       const int32_t *idx, attn_shape s)
+    bf16_slc_kernel(float *out, float *o_slc, float *lse3, const float *o_cmp, const float *o_win,
+                    const bf16 *q, const bf16 *k, const bf16 *v, const float *gates,
+                    const int32_t *idx, attn_shape s)
 {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
     const int LD = mcfg<DP>::LD;
-    bf16 *Qs = (bf16 *)smem_raw, *Ks = Qs + NB * LD, *Vs = Ks + 2 * NB * LD;
-    tile_rows *tr = (tile_rows *)(Vs + 2 * NB * LD);
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16 *Ks = (bf16 *)smem_raw, *Vs = Ks + SLC_STAGES * NB * LD;
+    mrows<MB> *tr = (mrows<MB> *)(Vs + SLC_STAGES * NB * LD);
     int *sidx = (int *)(tr + 1);
-    int *ulist = sidx + tile_positions(s.hpg) * s.n;
-    int *nunion = ulist + tile_positions(s.hpg) * s.n;
+    int *ulist = sidx + tile_positions(MB, s.hpg) * s.n;
+    int *nunion = ulist + tile_positions(MB, s.hpg) * s.n;
     unsigned *bitmap = (unsigned *)(nunion + 1);
     int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
-    tile_rows_init(tr, s, tile, g, b);
+    mrows_init<MB>(tr, s, tile, g, b);
     __syncthreads();
-    load_row_tile<DP>(Qs, q, tr, s.d);
+    load_row_tile<DP, MB>(Ks, q, tr, s.d); // Q through the first K stage into registers
     cp_async_commit();
-
+    cp_async_wait<0>();
+    __syncthreads();
+    uint32_t qf[DP / 16][4];
+    load_a_frags<DP>(qf, Ks, warp, lane);
     long long first_rg = (long long)tile * MB;
     long long last_rg = min(first_rg + MB - 1, (long long)s.Tq * s.hpg - 1);
     int t_first = s.q_start + (int)(first_rg / s.hpg), t_last = s.q_start + (int)(last_rg / s.hpg);
-    int trow[2];
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-        trow[i] = tr->t[warp * 16 + gq + 8 * i];
-    size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.T * stride + (size_t)g * s.d;
-    const float sl2 = s.scale * LOG2E;
-
-    // sliding window: keys lo .. t_last in chunks
-    int lo = max(0, t_first - s.w + 1);
-    int nch = (t_last - lo + NB) / NB;
-    load_tile<DP>(Ks, k, base, stride, lo, min(NB, t_last + 1 - lo), s.d);
-    load_tile<DP>(Vs, v, base, stride, lo, min(NB, t_last + 1 - lo), s.d);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    uint32_t qf[DP / 16][4];
-    load_a_frags<DP>(qf, Qs, warp, lane);
-    mma_acc<DP> acc;
-    acc.reset();
-    for (int i = 0; i < nch; i++) {
-        int stg = i & 1;
-        if (i + 1 < nch) {
-            int k1 = lo + (i + 1) * NB, cnt = min(NB, t_last + 1 - k1);
-            load_tile<DP>(Ks + (stg ^ 1) * NB * LD, k, base, stride, k1, cnt, s.d);
-            load_tile<DP>(Vs + (stg ^ 1) * NB * LD, v, base, stride, k1, cnt, s.d);
-        }
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        int key0 = lo + i * NB;
-        mma_fwd_step<DP>(acc, qf, Ks + stg * NB * LD, Vs + stg * NB * LD, sl2, lane,
-                         [&](int ii, int kk) {
-                             int pos = key0 + kk;
-                             return pos <= trow[ii] && pos > trow[ii] - s.w;
-                         });
-        __syncthreads();
-    }
-    float lse_win[2];
-    acc.finish(lse_win);
-    store_frag_rows<DP>(o_win, tr, acc.o, warp, lane, s.d);
-
-    // selected blocks: the union of the tile's selections
-    build_union(sidx, ulist, nunion, bitmap, idx, s, b, g, t_first, t_last);
-    int subs = (s.b + NB - 1) / NB;
-    nch = *nunion * subs;
-    int pl[2];
+    int trow[2], pl[2];
     bool member[2] = {false, false};
 #pragma unroll
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < 2; i++) {
+        trow[i] = tr->t[warp * 16 + gq + 8 * i];
         pl[i] = trow[i] < 0 ? -1 : trow[i] - t_first;
-    auto chunk = [&](int i, int &key0, int &cnt) {
-        int u = ulist[i / subs];
-        key0 = u * s.b + (i % subs) * NB;
-        cnt = max(0, min(NB, min(u * s.b + s.b, t_last + 1) - key0));
-    };
-    acc.reset();
-    if (nch > 0) {
-        int key0, cnt;
-        chunk(0, key0, cnt);
-        load_tile<DP>(Ks, k, base, stride, key0, cnt, s.d);
-        load_tile<DP>(Vs, v, base, stride, key0, cnt, s.d);
     }
-    cp_async_commit();
-    for (int i = 0; i < nch; i++) {
-        int stg = i & 1;
-        if (i + 1 < nch) {
-            int k1, c1;
-            chunk(i + 1, k1, c1);
-            load_tile<DP>(Ks + (stg ^ 1) * NB * LD, k, base, stride, k1, c1, s.d);
-            load_tile<DP>(Vs + (stg ^ 1) * NB * LD, v, base, stride, k1, c1, s.d);
-        }
-        cp_async_commit();
-        int key0, cnt;
-        chunk(i, key0, cnt);
-        if (i % subs == 0) { // which of the thread's rows chose this block
-            int u = ulist[i / subs];
+    size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.T * stride + (size_t)g * s.d;
+    const float sl2 = s.scale * LOG2E;
+    build_union(sidx, ulist, nunion, bitmap, idx, s, b, g, t_first, t_last); // syncs first
+    int subs = (s.b + NB - 1) / NB;
+    bool active = false;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[DP / 8][4];
 #pragma unroll
-            for (int ii = 0; ii < 2; ii++)
-                member[ii] = pl[ii] >= 0 && holds(sidx + pl[ii] * s.n, s.n, u);
-        }
-        cp_async_wait<1>();
-        __syncthreads();
-        if (__any_sync(0xffffffffu, member[0] || member[1]))
-            mma_fwd_step<DP>(acc, qf, Ks + stg * NB * LD, Vs + stg * NB * LD, sl2, lane,
-                             [&](int ii, int kk) {
-                                 return member[ii] && kk < cnt && key0 + kk <= trow[ii];
-                             });
-        __syncthreads();
-    }
-    float lse_slc[2];
-    acc.finish(lse_slc);
-    if (o_slc)
-        store_frag_rows<DP>(o_slc, tr, acc.o, warp, lane, s.d);
+    for (int nt = 0; nt < DP / 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            o[nt][e] = 0.0f;
+    stream_chunks<DP, SLC_STAGES>(
+        Ks, Vs, k, v, base, stride, s.d, *nunion * subs,
+        [&](int i, int &key0, int &cnt) {
+            int u = ulist[i / subs];
+            key0 = u * s.b + (i % subs) * NB;
+            cnt = max(0, min(NB, min(u * s.b + s.b, t_last + 1) - key0));
+        },
+        [&](int i, int key0, int cnt, const bf16 *Kt, const bf16 *Vt) {
+            if (i % subs == 0) { // which of the thread's rows chose this block
+                int u = ulist[i / subs];
+#pragma unroll
+                for (int ii = 0; ii < 2; ii++)
+                    member[ii] = pl[ii] >= 0 && holds(sidx + pl[ii] * s.n, s.n, u);
+                active = __any_sync(0xffffffffu, member[0] || member[1]);
+            }
+            if (active)
+                fwd_step_rq<DP>(m, l, o, qf, Kt, Vt, sl2, lane, [&](int ii, int kk) {
+                    return member[ii] && kk < cnt && key0 + kk <= trow[ii];
+                });
+        });
+    cp_async_wait<0>();
 #pragma unroll
     for (int ii = 0; ii < 2; ii++) {
         int r = warp * 16 + gq + 8 * ii;
         if (tr->t[r] < 0)
             continue;
         size_t row = (size_t)tr->row[r];
-        if (lse3 && c4 == 0) {
-            lse3[row * 3 + 1] = lse_slc[ii];
-            lse3[row * 3 + 2] = lse_win[ii];
-        }
+        float inv = l[ii] > 0.0f ? 1.0f / l[ii] : 0.0f;
+        if (lse3 && c4 == 0)
+            lse3[row * 3 + 1] = l[ii] > 0.0f ? (m[ii] + log2f(l[ii])) * LN2 : -INFINITY;
         float g0 = gates[row * 3 + 0], g1 = gates[row * 3 + 1], g2 = gates[row * 3 + 2];
 #pragma unroll
         for (int nt = 0; nt < DP / 8; nt++) {
@@ -342,11 +409,13 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
             if (col >= s.d)
                 continue;
             size_t at = row * s.d + col;
+            float2 os = make_float2(o[nt][2 * ii] * inv, o[nt][2 * ii + 1] * inv);
+            if (o_slc)
+                *reinterpret_cast<float2 *>(o_slc + at) = os;
             float2 oc = *reinterpret_cast<const float2 *>(o_cmp + at);
             float2 ow = *reinterpret_cast<const float2 *>(o_win + at);
-            *reinterpret_cast<float2 *>(out + at) =
-                make_float2(g0 * oc.x + g1 * acc.o[nt][2 * ii] + g2 * ow.x,
-                            g0 * oc.y + g1 * acc.o[nt][2 * ii + 1] + g2 * ow.y);
+            *reinterpret_cast<float2 *>(out + at) = make_float2(
+                g0 * oc.x + g1 * os.x + g2 * ow.x, g0 * oc.y + g1 * os.y + g2 * ow.y);
         }
     }
 }
@@ -354,7 +423,12 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 // ---------------------------------------------------------------------------------------
 // The op
 
-template <int DP>
+template <int DP> static int score_fits(nsa_context *ctx, const attn_shape &s)
+{
+    return MB % s.hpg == 0 && score_smem_bytes<DP>(s) <= nsa__cuda(ctx)->max_smem_optin;
+}
+
+template <int DP, int MT>
 static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int phase, int fused,
                                   float *out, float *o_cmp, float *o_slc, float *o_win,
                                   float *lse3, int32_t *idx, const bf16 *q, const bf16 *k,
@@ -362,29 +436,52 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
                                   const float *gates)
 {
     cudaStream_t st = nsa__cuda_stream(ctx);
-    long long tiles = ((long long)s.Tq * s.hpg + MB - 1) / MB;
-    dim3 grid((unsigned)tiles, s.G, s.B);
+    const int R = 64 * MT;
+    dim3 grid((unsigned)(((long long)s.Tq * s.hpg + R - 1) / R), s.G, s.B);
     if (phase == 0) {
-        if (fused) {
-            size_t bytes = cmp_smem_bytes<DP>(s, true);
-            NSA_TRY(allow_smem(ctx, bf16_cmp_kernel<DP, true>, bytes));
-            bf16_cmp_kernel<DP, true><<<grid, MMA_THREADS, bytes, st>>>(o_cmp, lse3, idx, q, kc,
-                                                                         vc, s);
-        } else {
-            size_t bytes = cmp_smem_bytes<DP>(s, false);
-            NSA_TRY(allow_smem(ctx, bf16_cmp_kernel<DP, false>, bytes));
-            bf16_cmp_kernel<DP, false><<<grid, MMA_THREADS, bytes, st>>>(o_cmp, lse3, idx, q, kc,
-                                                                          vc, s);
-        }
+        size_t bytes = attn_smem_bytes<DP, R>();
+        NSA_TRY(allow_smem(ctx, bf16_cmp_kernel<DP, MT>, bytes));
+        bf16_cmp_kernel<DP, MT><<<grid, MMA_THREADS, bytes, st>>>(o_cmp, lse3, q, kc, vc, s);
         NSA_CUDA_LAUNCHED("bf16_cmp_kernel");
+        if (fused) {
+            size_t sbytes = score_smem_bytes<DP>(s);
+            NSA_TRY(allow_smem(ctx, bf16_score_kernel<DP>, sbytes));
+            dim3 sgrid((unsigned)(((long long)s.Tq * s.hpg + MB - 1) / MB), s.G, s.B);
+            bf16_score_kernel<DP><<<sgrid, MMA_THREADS, sbytes, st>>>(idx, lse3, q, kc, s);
+            NSA_CUDA_LAUNCHED("bf16_score_kernel");
+        }
     } else {
-        size_t bytes = slcwin_smem_bytes<DP>(s);
-        NSA_TRY(allow_smem(ctx, bf16_slcwin_kernel<DP>, bytes));
-        bf16_slcwin_kernel<DP><<<grid, MMA_THREADS, bytes, st>>>(out, o_slc, o_win, lse3, o_cmp, q,
-                                                                 k, v, gates, idx, s);
-        NSA_CUDA_LAUNCHED("bf16_slcwin_kernel");
+        size_t bytes = attn_smem_bytes<DP, R>();
+        NSA_TRY(allow_smem(ctx, bf16_win_kernel<DP, MT>, bytes));
+        bf16_win_kernel<DP, MT><<<grid, MMA_THREADS, bytes, st>>>(o_win, lse3, q, k, v, s);
+        NSA_CUDA_LAUNCHED("bf16_win_kernel");
+        size_t sbytes = slc_smem_bytes<DP>(s);
+        dim3 sgrid((unsigned)(((long long)s.Tq * s.hpg + MB - 1) / MB), s.G, s.B);
+        NSA_TRY(allow_smem(ctx, bf16_slc_kernel<DP>, sbytes));
+        bf16_slc_kernel<DP><<<sgrid, MMA_THREADS, sbytes, st>>>(out, o_slc, lse3, o_cmp, o_win, q,
+                                                                k, v, gates, idx, s);
+        NSA_CUDA_LAUNCHED("bf16_slc_kernel");
     }
     return NSA_OK;
+}
+
+// Dispatch on the head dim (64 or 128 padded) and the m-tiles per warp.
+static nsa_status bf16_forward_phase(nsa_context *ctx, const attn_shape &s, int phase, int fused,
+                                     float *out, float *o_cmp, float *o_slc, float *o_win,
+                                     float *lse3, int32_t *idx, const bf16 *q, const bf16 *k,
+                                     const bf16 *v, const bf16 *kc, const bf16 *vc,
+                                     const float *gates)
+{
+    int mt2 = nsa__cuda(ctx)->bf16_mt == 2;
+    if (s.d <= 64)
+        return mt2 ? bf16_forward_dp<64, 2>(ctx, s, phase, fused, out, o_cmp, o_slc, o_win, lse3,
+                                            idx, q, k, v, kc, vc, gates)
+                   : bf16_forward_dp<64, 1>(ctx, s, phase, fused, out, o_cmp, o_slc, o_win, lse3,
+                                            idx, q, k, v, kc, vc, gates);
+    return mt2 ? bf16_forward_dp<128, 2>(ctx, s, phase, fused, out, o_cmp, o_slc, o_win, lse3,
+                                         idx, q, k, v, kc, vc, gates)
+               : bf16_forward_dp<128, 1>(ctx, s, phase, fused, out, o_cmp, o_slc, o_win, lse3,
+                                         idx, q, k, v, kc, vc, gates);
 }
 
 nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *dims,
@@ -409,9 +506,7 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
     cudaStream_t st = cs->stream;
     int score = given_idx == NULL;
     int mean_key = score && dims->select_score == NSA_SELECT_MEAN_KEY;
-    int fused = score && !mean_key && MB % s.hpg == 0 &&
-                (s.d <= 64 ? cmp_smem_bytes<64>(s, true) : cmp_smem_bytes<128>(s, true)) <=
-                    cs->max_smem_optin;
+    int fused = score && !mean_key && (s.d <= 64 ? score_fits<64>(ctx, s) : score_fits<128>(ctx, s));
 
     // scratch: o_cmp, o_win and lse when the caller keeps none; fp32 copies of the inputs
     // the unfused selection reads (q and kc, or q and k with the block key sums)
@@ -433,12 +528,8 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
     float *o_slc = o_paths ? o_paths + rows * s.d : NULL;
     float *o_win = o_paths ? o_paths + 2 * rows * s.d : scratch + rows * s.d;
 
-    if (s.d <= 64)
-        NSA_TRY(bf16_forward_dp<64>(ctx, s, 0, fused, out, o_cmp, o_slc, o_win, lse3, idx, q, k,
-                                    v, kc, vc, gates));
-    else
-        NSA_TRY(bf16_forward_dp<128>(ctx, s, 0, fused, out, o_cmp, o_slc, o_win, lse3, idx, q, k,
-                                     v, kc, vc, gates));
+    NSA_TRY(bf16_forward_phase(ctx, s, 0, fused, out, o_cmp, o_slc, o_win, lse3, idx, q, k, v,
+                               kc, vc, gates));
     size_t n_idx = rows / s.H * s.G * s.n;
     if (!score) {
         NSA_CUDA_TRY(cudaMemcpyAsync(idx, given_idx, n_idx * sizeof(int32_t),
@@ -449,9 +540,6 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
         NSA_TRY(nsa__cuda_bf16_to_f32(ctx, keys, mean_key ? k : kc, n_keys));
         NSA_TRY(nsa__cuda_attn_select(ctx, s, mean_key, idx, qf, keys, keys, lse3, kcum));
     }
-    if (s.d <= 64)
-        return bf16_forward_dp<64>(ctx, s, 1, fused, out, o_cmp, o_slc, o_win, lse ? lse3 : NULL,
-                                   idx, q, k, v, kc, vc, gates);
-    return bf16_forward_dp<128>(ctx, s, 1, fused, out, o_cmp, o_slc, o_win, lse ? lse3 : NULL, idx,
-                                q, k, v, kc, vc, gates);
+    return bf16_forward_phase(ctx, s, 1, fused, out, o_cmp, o_slc, o_win, lse ? lse3 : NULL, idx,
+                              q, k, v, kc, vc, gates);
 }

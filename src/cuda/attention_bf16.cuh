@@ -51,12 +51,31 @@ __device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *X, size_t base,
     }
 }
 
-// The tile's query rows (tile_rows tr) of X [rows, d] into a padded tile.
-template <int DP>
-__device__ __forceinline__ void load_row_tile(bf16 *dst, const bf16 *X, const tile_rows *tr, int d)
+// The query rows of a tile of R rows of one (batch, kv head): consecutive (position, head)
+// pairs; t = -1 for rows past the end.
+template <int R> struct mrows {
+    int t[R];
+    long long row[R]; // index of the row in q / out / gates ([B,Tq,H] order)
+};
+
+template <int R>
+__device__ __forceinline__ void mrows_init(mrows<R> *tr, const attn_shape &s, int tile, int g, int b)
+{
+    for (int r = threadIdx.x; r < R; r += blockDim.x) {
+        long long rg = (long long)tile * R + r;
+        int tq = (int)(rg / s.hpg), hh = (int)(rg % s.hpg);
+        bool ok = tq < s.Tq;
+        tr->t[r] = ok ? s.q_start + tq : -1;
+        tr->row[r] = ok ? ((long long)b * s.Tq + tq) * s.H + (long long)g * s.hpg + hh : 0;
+    }
+}
+
+// The tile's query rows of X [rows, d] into a padded tile of R rows.
+template <int DP, int R>
+__device__ __forceinline__ void load_row_tile(bf16 *dst, const bf16 *X, const mrows<R> *tr, int d)
 {
     const int CH = DP / 8;
-    for (int e = threadIdx.x; e < MB * CH; e += MMA_THREADS) {
+    for (int e = threadIdx.x; e < R * CH; e += MMA_THREADS) {
         int r = e / CH, c = (e % CH) * 8;
         bool ok = tr->t[r] >= 0 && c < d;
         const bf16 *src = ok ? X + (size_t)tr->row[r] * d + c : X;
@@ -119,80 +138,6 @@ __device__ __forceinline__ void mma_p_v(float (&o)[DP / 8][4], const float (&p)[
     }
 }
 
-// Online-softmax state of a warp's rows g and g + 8 (in log2 units: m is a max of
-// score * scale * log2 e).
-template <int DP> struct mma_acc {
-    float m[2], l[2], o[DP / 8][4];
-    __device__ __forceinline__ void reset()
-    {
-        m[0] = m[1] = -INFINITY;
-        l[0] = l[1] = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < DP / 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++)
-                o[nt][e] = 0.0f;
-    }
-    // Normalises o; lse[i] (natural log) of row g + 8 i, -inf for a row with no key.
-    __device__ __forceinline__ void finish(float (&lse)[2])
-    {
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-            lse[i] = l[i] > 0.0f ? (m[i] + log2f(l[i])) * LN2 : -INFINITY;
-#pragma unroll
-            for (int nt = 0; nt < DP / 8; nt++) {
-                o[nt][2 * i] *= inv;
-                o[nt][2 * i + 1] *= inv;
-            }
-        }
-    }
-};
-
-// One key chunk of the forward for one warp: scores, mask ok(i, kk) (row g + 8 i, key kk
-// of the chunk), online softmax, O += P V.
-template <int DP, class Ok>
-__device__ __forceinline__ void mma_fwd_step(mma_acc<DP> &acc, const uint32_t (&qf)[DP / 16][4],
-                                             const bf16 *Kt, const bf16 *Vt, float sl2, int lane,
-                                             Ok ok)
-{
-    float s[8][4];
-    mma_rows_keys<DP>(s, qf, Kt, lane);
-    int c = lane % 4;
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            int i = e / 2, kk = nt * 8 + 2 * c + (e & 1);
-            float x = ok(i, kk) ? s[nt][e] * sl2 : -INFINITY;
-            s[nt][e] = x;
-            mx[i] = fmaxf(mx[i], x);
-        }
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        float m_new = fmaxf(acc.m[i], quad_max(mx[i]));
-        float alpha = m_new == -INFINITY ? 1.0f : exp2f(acc.m[i] - m_new);
-        float base = m_new == -INFINITY ? 0.0f : m_new;
-        float rs = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
-            float p0 = exp2f(s[nt][2 * i] - base), p1 = exp2f(s[nt][2 * i + 1] - base);
-            s[nt][2 * i] = p0;
-            s[nt][2 * i + 1] = p1;
-            rs += p0 + p1;
-        }
-        acc.l[i] = acc.l[i] * alpha + quad_sum(rs);
-        acc.m[i] = m_new;
-#pragma unroll
-        for (int nt = 0; nt < DP / 8; nt++) {
-            acc.o[nt][2 * i] *= alpha;
-            acc.o[nt][2 * i + 1] *= alpha;
-        }
-    }
-    mma_p_v<DP>(acc.o, s, Vt, lane);
-}
-
 // s[nt] (16 rows x 64 keys) = A B^T with the warp's 16 rows of A read from a padded tile in
 // shared memory (rows a_row0 ..) at each k-step instead of held in registers.
 template <int DP>
@@ -219,69 +164,222 @@ __device__ __forceinline__ void mma_rows_keys_sa(float (&s)[8][4], const bf16 *A
     }
 }
 
-// Streams nch key chunks through the two stages: where(i, key0, cnt) names chunk i (rows
-// key0 .. key0 + cnt - 1 of K and V, or of K alone when V is NULL); body(i, key0, cnt, Kt,
-// Vt) runs on every thread once chunk i is in shared memory. All threads call it.
-template <int DP, class Where, class Body>
+// Streams nch key chunks through STAGES shared-memory stages (Ks and Vs hold STAGES tiles
+// each; STAGES - 1 chunks are in flight while one is used): where(i, key0, cnt) names chunk
+// i (rows key0 .. key0 + cnt - 1 of K and V, or of K alone when V is NULL); body(i, key0,
+// cnt, Kt, Vt) runs on every thread once chunk i is in shared memory. All threads call it.
+template <int DP, int STAGES = 2, class Where, class Body>
 __device__ __forceinline__ void stream_chunks(bf16 *Ks, bf16 *Vs, const bf16 *K, const bf16 *V,
                                               size_t base, size_t stride, int d, int nch,
                                               Where where, Body body)
 {
     const int LD = mcfg<DP>::LD;
-    if (nch > 0) {
+    auto load = [&](int i) {
         int key0, cnt;
-        where(0, key0, cnt);
-        load_tile<DP>(Ks, K, base, stride, key0, cnt, d);
+        where(i, key0, cnt);
+        int stg = i % STAGES;
+        load_tile<DP>(Ks + stg * NB * LD, K, base, stride, key0, cnt, d);
         if (V)
-            load_tile<DP>(Vs, V, base, stride, key0, cnt, d);
-    }
-    cp_async_commit();
-    for (int i = 0; i < nch; i++) {
-        int stg = i & 1;
-        if (i + 1 < nch) {
-            int k1, c1;
-            where(i + 1, k1, c1);
-            load_tile<DP>(Ks + (stg ^ 1) * NB * LD, K, base, stride, k1, c1, d);
-            if (V)
-                load_tile<DP>(Vs + (stg ^ 1) * NB * LD, V, base, stride, k1, c1, d);
-        }
+            load_tile<DP>(Vs + stg * NB * LD, V, base, stride, key0, cnt, d);
+    };
+#pragma unroll
+    for (int p = 0; p < STAGES - 1; p++) {
+        if (p < nch)
+            load(p);
         cp_async_commit();
-        cp_async_wait<1>();
+    }
+    for (int i = 0; i < nch; i++) {
+        if (i + STAGES - 1 < nch)
+            load(i + STAGES - 1);
+        cp_async_commit();
+        cp_async_wait<STAGES - 1>();
         __syncthreads();
-        int key0, cnt;
+        int key0, cnt, stg = i % STAGES;
         where(i, key0, cnt);
         body(i, key0, cnt, Ks + stg * NB * LD, Vs + stg * NB * LD);
         __syncthreads();
     }
 }
 
-// Stores a warp's rows of o (C fragment layout, DP columns) as fp32 into dst rows
-// ([rows][d]); the thread's rows are warp*16 + g + 8 i.
+// The online-softmax update of a warp's rows g and g + 8 for one chunk of scores s (C
+// fragments; m in log2 units): masks by ok(i, kk), scales by sl2, turns s into the
+// probabilities (relative to the new max) and rescales l and o.
+template <int DP, class Ok>
+__device__ __forceinline__ void softmax_update(float (&s)[8][4], float (&m)[2], float (&l)[2],
+                                               float (&o)[DP / 8][4], float sl2, int lane, Ok ok)
+{
+    int c = lane % 4;
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int i = e / 2, kk = nt * 8 + 2 * c + (e & 1);
+            float x = ok(i, kk) ? s[nt][e] * sl2 : -INFINITY;
+            s[nt][e] = x;
+            mx[i] = fmaxf(mx[i], x);
+        }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        float m_new = fmaxf(m[i], quad_max(mx[i]));
+        float alpha = m_new == -INFINITY ? 1.0f : exp2f(m[i] - m_new);
+        float base = m_new == -INFINITY ? 0.0f : m_new;
+        float rs = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            float p0 = exp2f(s[nt][2 * i] - base), p1 = exp2f(s[nt][2 * i + 1] - base);
+            s[nt][2 * i] = p0;
+            s[nt][2 * i + 1] = p1;
+            rs += p0 + p1;
+        }
+        l[i] = l[i] * alpha + quad_sum(rs);
+        m[i] = m_new;
+#pragma unroll
+        for (int nt = 0; nt < DP / 8; nt++) {
+            o[nt][2 * i] *= alpha;
+            o[nt][2 * i + 1] *= alpha;
+        }
+    }
+}
+
+// One key chunk of the forward for a warp's 16 rows with Q in registers (qf): scores, mask
+// ok(i, kk), online softmax, O += P V.
+template <int DP, class Ok>
+__device__ __forceinline__ void fwd_step_rq(float (&m)[2], float (&l)[2], float (&o)[DP / 8][4],
+                                            const uint32_t (&qf)[DP / 16][4], const bf16 *Kt,
+                                            const bf16 *Vt, float sl2, int lane, Ok ok)
+{
+    float s[8][4];
+    mma_rows_keys<DP>(s, qf, Kt, lane);
+    softmax_update<DP>(s, m, l, o, sl2, lane, ok);
+    mma_p_v<DP>(o, s, Vt, lane);
+}
+
+// ---- forward step over MT m-tiles per warp (rows a_row0 .. a_row0 + 16 MT - 1 of a padded
+// Q tile in shared memory): each K and V fragment loaded serves MT row tiles.
+
+template <int DP, int MT> struct fwd_acc {
+    float m[MT][2], l[MT][2], o[MT][DP / 8][4];
+    __device__ __forceinline__ void reset()
+    {
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            m[mt][0] = m[mt][1] = -INFINITY;
+            l[mt][0] = l[mt][1] = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < DP / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    o[mt][nt][e] = 0.0f;
+        }
+    }
+    // Normalises o; lse[mt][i] (natural log) of row 16 mt + g + 8 i, -inf without keys.
+    __device__ __forceinline__ void finish(float (&lse)[MT][2])
+    {
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                float inv = l[mt][i] > 0.0f ? 1.0f / l[mt][i] : 0.0f;
+                lse[mt][i] = l[mt][i] > 0.0f ? (m[mt][i] + log2f(l[mt][i])) * LN2 : -INFINITY;
+#pragma unroll
+                for (int nt = 0; nt < DP / 8; nt++) {
+                    o[mt][nt][2 * i] *= inv;
+                    o[mt][nt][2 * i + 1] *= inv;
+                }
+            }
+    }
+};
+
+// One key chunk: scores, mask ok(mt, i, kk), online softmax, O += P V, for the m-tiles whose
+// bit is set in `active` (warp-uniform).
+template <int DP, int MT, class Ok>
+__device__ __forceinline__ void fwd_step(fwd_acc<DP, MT> &acc, const bf16 *Qs, int a_row0,
+                                         const bf16 *Kt, const bf16 *Vt, float sl2, int lane,
+                                         unsigned active, Ok ok)
+{
+    const int LD = mcfg<DP>::LD;
+    int mi = lane / 8, r = lane % 8;
+    float s[MT][8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                s[mt][nt][e] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < DP / 16; ks++) {
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+            if (active & (1u << mt))
+                ldmatrix_x4(a[mt], Qs + (a_row0 + mt * 16 + (mi % 2) * 8 + r) * LD + ks * 16 +
+                                       (mi / 2) * 8);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            uint32_t b[4];
+            ldmatrix_x4(b, Kt + (16 * j + (mi / 2) * 8 + r) * LD + ks * 16 + (mi % 2) * 8);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+                if (active & (1u << mt)) {
+                    mma_bf16(s[mt][2 * j], a[mt], b[0], b[1]);
+                    mma_bf16(s[mt][2 * j + 1], a[mt], b[2], b[3]);
+                }
+        }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+        if (active & (1u << mt))
+            softmax_update<DP>(s[mt], acc.m[mt], acc.l[mt], acc.o[mt], sl2, lane,
+                               [&](int i, int kk) { return ok(mt, i, kk); });
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+            c_to_a(a[mt], s[mt][2 * j], s[mt][2 * j + 1]);
+#pragma unroll
+        for (int n2 = 0; n2 < DP / 16; n2++) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, Vt + (16 * j + (mi % 2) * 8 + r) * LD + n2 * 16 + (mi / 2) * 8);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+                if (active & (1u << mt)) {
+                    mma_bf16(acc.o[mt][2 * n2], a[mt], b[0], b[1]);
+                    mma_bf16(acc.o[mt][2 * n2 + 1], a[mt], b[2], b[3]);
+                }
+        }
+    }
+}
+
+// Stores the 16 rows row0 .. row0 + 15 of an m-tile's o (C fragments, DP columns) as fp32
+// into dst rows ([rows][d]); t[r] < 0 marks rows past the end, row[r] their index.
 template <int DP>
-__device__ __forceinline__ void store_frag_rows(float *dst, const tile_rows *tr,
-                                                const float (&o)[DP / 8][4], int warp, int lane,
+__device__ __forceinline__ void store_frag_rows(float *dst, const int *t, const long long *row,
+                                                const float (&o)[DP / 8][4], int row0, int lane,
                                                 int d)
 {
     int g = lane / 4, c = lane % 4;
 #pragma unroll
     for (int i = 0; i < 2; i++) {
-        int r = warp * 16 + g + 8 * i;
-        if (tr->t[r] < 0)
+        int r = row0 + g + 8 * i;
+        if (t[r] < 0)
             continue;
-        float *row = dst + (size_t)tr->row[r] * d;
+        float *rp = dst + (size_t)row[r] * d;
 #pragma unroll
         for (int nt = 0; nt < DP / 8; nt++) {
             int col = nt * 8 + 2 * c;
             if (col < d)
-                *reinterpret_cast<float2 *>(row + col) = make_float2(o[nt][2 * i], o[nt][2 * i + 1]);
+                *reinterpret_cast<float2 *>(rp + col) = make_float2(o[nt][2 * i], o[nt][2 * i + 1]);
         }
     }
 }
 
-// Positions a tile of MB rows can span.
-static inline __host__ __device__ int tile_positions(int hpg)
+// Positions a tile of R rows can span.
+static inline __host__ __device__ int tile_positions(int R, int hpg)
 {
-    return MB / hpg + 2;
+    return R / hpg + 2;
 }
 
 // The union of the selections of positions t_first .. t_last (kv head g, batch b) as an

@@ -52,8 +52,8 @@ __global__ void bf16_bwd_prep_kernel(float *dgates, float *Dp, bf16 *dO16, const
 
 template <int DP> static size_t dq_smem_bytes(const attn_shape &s)
 {
-    return 6 * mcfg<DP>::TILE + sizeof(tile_rows) +
-           (2 * (size_t)tile_positions(s.hpg) * s.n + 1) * sizeof(int) +
+    return 6 * mcfg<DP>::TILE + sizeof(mrows<MB>) +
+           (2 * (size_t)tile_positions(MB, s.hpg) * s.n + 1) * sizeof(int) +
            (size_t)((s.nb + 31) / 32) * sizeof(unsigned);
 }
 
@@ -93,17 +93,17 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int LD = mcfg<DP>::LD;
     bf16 *Qs = (bf16 *)smem_raw, *Os = Qs + NB * LD, *Ks = Os + NB * LD, *Vs = Ks + 2 * NB * LD;
-    tile_rows *tr = (tile_rows *)(Vs + 2 * NB * LD);
+    mrows<MB> *tr = (mrows<MB> *)(Vs + 2 * NB * LD);
     int *sidx = (int *)(tr + 1);
-    int *ulist = sidx + tile_positions(s.hpg) * s.n;
-    int *nunion = ulist + tile_positions(s.hpg) * s.n;
+    int *ulist = sidx + tile_positions(MB, s.hpg) * s.n;
+    int *nunion = ulist + tile_positions(MB, s.hpg) * s.n;
     unsigned *bitmap = (unsigned *)(nunion + 1);
     int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
-    tile_rows_init(tr, s, tile, g, b);
+    mrows_init<MB>(tr, s, tile, g, b);
     __syncthreads();
-    load_row_tile<DP>(Qs, q, tr, s.d);
-    load_row_tile<DP>(Os, dO16, tr, s.d);
+    load_row_tile<DP, MB>(Qs, q, tr, s.d);
+    load_row_tile<DP, MB>(Os, dO16, tr, s.d);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 #pragma unroll
         for (int e = 0; e < 4; e++)
             acc[nt][e] *= s.scale;
-    store_frag_rows<DP>(dq, tr, acc, warp, lane, s.d);
+    store_frag_rows<DP>(dq, tr->t, tr->row, acc, warp * 16, lane, s.d);
     (void)c4;
 }
 

@@ -33,6 +33,7 @@ typedef struct nsa__cuda_state {
     void *operands; // bf16 copies of fp32 operands (NSA_PRECISION_BF16), a second scratch
     size_t operands_bytes;
     int attn_simple; // 1: the warp-per-row attention kernels (any head_dim; slower)
+    int bf16_mt;     // m-tiles per warp of the bf16 forward kernels (1 or 2; NSA_CUDA_BF16_MT)
 } nsa__cuda_state;
 
 static inline nsa__cuda_state *nsa__cuda(nsa_context *ctx)

@@ -335,6 +335,9 @@ extern "C" nsa_status nsa__cuda_backend_init(nsa_context *ctx, int num_threads)
         // warp-per-row kernels (read once here, kept in the context).
         const char *mode = getenv("NSA_CUDA_ATTN");
         s->attn_simple = mode && strcmp(mode, "simple") == 0;
+        // A tuning switch: NSA_CUDA_BF16_MT=1 runs the bf16 forward with 16 rows per warp.
+        const char *mt = getenv("NSA_CUDA_BF16_MT");
+        s->bf16_mt = mt && strcmp(mt, "1") == 0 ? 1 : 2;
     }
     if (st != NSA_OK) {
         cuda_destroy(ctx);

@@ -27,7 +27,7 @@
 
 #define TOL_BF16 1e-2
 
-static nsa_context *cpu, *gpu;
+static nsa_context *cpu, *gpu, *gpu_mt1;
 
 static uint16_t f2bf(float f)
 {
@@ -237,6 +237,16 @@ static void test_bf16_attention(void)
         bf16_case(&cases[i]);
 }
 
+// The forward kernels with 16 rows per warp (NSA_CUDA_BF16_MT=1) instead of 32.
+static void test_bf16_attention_mt1(void)
+{
+    nsa_context *keep = gpu;
+    gpu = gpu_mt1;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i += 2)
+        bf16_case(&cases[i]);
+    gpu = keep;
+}
+
 static void test_bf16_race(void)
 {
     static const bcase race = {"race", 1, 140, 16, 1, 64, 16, 24, 8, 16, 3, NSA_SELECT_CMP_ATTN,
@@ -372,13 +382,27 @@ int main(int argc, char **argv)
         printf("RESULT 0 1\n");
         return 1;
     }
+    setenv("NSA_CUDA_BF16_MT", "1", 1);
+    nsa_status st = nsa_context_create(&gpu_mt1, NSA_DEVICE_CUDA, 0);
+    unsetenv("NSA_CUDA_BF16_MT");
+    if (st != NSA_OK) {
+        printf("FAIL context creation: %s\n", nsa_last_error());
+        printf("RESULT 0 1\n");
+        return 1;
+    }
     if (race) {
         RUN(test_bf16_race);
+        nsa_context *keep = gpu;
+        gpu = gpu_mt1;
+        RUN(test_bf16_race);
+        gpu = keep;
     } else {
         RUN(test_bf16_rejects);
         RUN(test_bf16_attention);
+        RUN(test_bf16_attention_mt1);
         RUN(test_bf16_model);
     }
+    nsa_context_free(gpu_mt1);
     nsa_context_free(gpu);
     nsa_context_free(cpu);
     return harness_finish();
