@@ -127,6 +127,9 @@ expect_fail bad_preset 'preset' "" info --embed-dim 4 --preset nope
 expect_fail bad_threads 'threads' "" info "${SMALL[@]}" --threads abc
 expect_fail negative_threads 'threads' "" info "${SMALL[@]}" --threads -1
 expect_fail bad_device 'device' "" info "${SMALL[@]}" --device tpu
+expect_fail bad_precision 'precision fp8' "" info "${SMALL[@]}" --precision fp8
+expect_fail bf16_needs_cuda 'precision bf16.*device cuda' "" info "${SMALL[@]}" --precision bf16
+run_ok precision_fp32 info "${SMALL[@]}" --precision fp32
 # cuda: works where the build and machine have it, else exit 1 with a message.
 run info "${SMALL[@]}" --device cuda
 if [ "$rc" -eq 0 ] || { [ "$rc" -eq 1 ] && head -n 1 "$tmp/err" | grep -q '^nsa: '; }; then

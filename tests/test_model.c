@@ -971,6 +971,25 @@ static void test_ref_model_causal(void)
     free(tab);
 }
 
+// The context's precision: fp32 by default; bf16 refused by the CPU backend with a message
+// naming the fix, invalid values refused, names parsed.
+static void test_context_precision(void)
+{
+    CHECK(nsa_context_precision(ctx) == NSA_PRECISION_FP32);
+    CHECK(nsa_context_set_precision(ctx, NSA_PRECISION_BF16) == NSA_ERR_UNSUPPORTED);
+    CHECK(strstr(nsa_last_error(), "cuda") != NULL);
+    CHECK(nsa_context_precision(ctx) == NSA_PRECISION_FP32);
+    CHECK(nsa_context_set_precision(ctx, (nsa_precision)7) == NSA_ERR_INVALID);
+    CHECK(nsa_context_set_precision(NULL, NSA_PRECISION_FP32) == NSA_ERR_INVALID);
+    CHECK(nsa_context_set_precision(ctx, NSA_PRECISION_FP32) == NSA_OK);
+    nsa_precision p = NSA_PRECISION_FP32;
+    CHECK(nsa_precision_parse("bf16", &p) == NSA_OK && p == NSA_PRECISION_BF16);
+    CHECK(nsa_precision_parse("fp32", &p) == NSA_OK && p == NSA_PRECISION_FP32);
+    CHECK(nsa_precision_parse("fp16", &p) == NSA_ERR_INVALID);
+    CHECK(strstr(nsa_last_error(), "fp16") != NULL);
+    CHECK(nsa_precision_parse(NULL, &p) == NSA_ERR_INVALID);
+}
+
 // ----------------------------------------------------------------------------------------
 
 int main(void)
@@ -988,6 +1007,7 @@ int main(void)
         harness_failed++;
         return harness_finish();
     }
+    RUN(test_context_precision);
     RUN(test_param_count);
     RUN(test_model_seed_small);
     RUN(test_model_hd_ne_d);
