@@ -77,6 +77,14 @@ if [ "$what" = all ] || [ "$what" = train ]; then
         grep -E "tok/s|NSA |window baseline|chance|step 1000" "$OUT/train_$prec.log" | tail -n 6
         echo "train $prec: $(( $(date +%s) - start )) s"
     done
+    # a larger model on the same task (MFU: 6 x params x tokens/s against the GEMM rate)
+    for prec in fp32 bf16; do
+        echo "== nsa train (D = 512, 4 layers, 8 heads of 64, T = 1024) --precision $prec"
+        build/cuda/nsa train --device cuda --precision $prec --embed-dim 512 --hidden-size 512 \
+            --num-layers 4 --num-heads 8 --head-dim 64 --task-seq-len 1024 --batch-size 16 \
+            --steps 60 --eval-every 20 --eval-sequences 64 --no-baseline \
+            --out /tmp/nsa-large-$prec.safetensors 2>&1 | grep -E "params|step 60/" || status=1
+    done
 fi
 
 if [ -n "${PROFILE:-}" ]; then

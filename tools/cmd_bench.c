@@ -219,6 +219,22 @@ static nsa_status run_gemm(void *p)
     return NSA_OK;
 }
 
+// The device's matrix rate (CUDA): y = x W^T through the backend's linear_forward in the
+// context's precision (bf16: the operands' conversion included), synchronised by a download.
+typedef struct dev_gemm_arg {
+    nsa_context *ctx;
+    int n;
+    float *x, *w, *y;
+} dev_gemm_arg;
+
+static nsa_status run_dev_gemm(void *p)
+{
+    dev_gemm_arg *g = p;
+    NSA_TRY_CLI(g->ctx->ops->linear_forward(g->ctx, g->y, g->x, g->w, NULL, g->n, g->n, g->n));
+    float sync;
+    return g->ctx->ops->download(g->ctx, &sync, g->y, sizeof sync);
+}
+
 typedef struct copy_arg {
     size_t n;
     float *src, *dst;
@@ -781,6 +797,9 @@ typedef struct machine {
     double gemm_gflops, copy_gbs;
     int threads, gemm_n;
     char cpu[128], coretype[32], date[32];
+    // a device run (CUDA): its GEMM rate is the limit the shares are taken of
+    int on_device, bf16, dev_gemm_n;
+    double dev_gemm_gflops, cpu_gflops;
 } machine;
 
 static void cpu_model(char *buf, size_t size)
@@ -815,7 +834,12 @@ static void print_table(const machine *mc, const shape_opts *so, const report *r
            mc->coretype);
     printf("sgemm %dx%dx%d over the threads: %.1f GFLOP/s; copy bandwidth %.1f GB/s (read + "
            "write)\n",
-           mc->gemm_n, mc->gemm_n, mc->gemm_n, mc->gemm_gflops, mc->copy_gbs);
+           mc->gemm_n, mc->gemm_n, mc->gemm_n, mc->on_device ? mc->cpu_gflops : mc->gemm_gflops, mc->copy_gbs);
+    if (mc->on_device)
+        printf("device (cuda) GEMM %dx%dx%d, %s: %.1f GFLOP/s — the %%sgemm column below is the "
+               "share of this rate\n",
+               mc->dev_gemm_n, mc->dev_gemm_n, mc->dev_gemm_n,
+               mc->bf16 ? "bf16 operands, fp32 accumulation" : "fp32", mc->dev_gemm_gflops);
     printf("attention: B=%d H=%d G=%d d=%d  w=%d b=%d n=%d r=%d l=%d  %s %s\n\n", so->B, so->H,
            so->G, so->d, so->w, so->b, so->n, so->r, so->l,
            so->score == NSA_SELECT_CMP_ATTN ? "cmp_attn" : "mean_key",
@@ -888,8 +912,12 @@ static void print_json(const machine *mc, const shape_opts *so, const report *re
     printf(", \"threads\": %d, \"openblas_coretype\": ", mc->threads);
     cli_json_string(stdout, mc->coretype);
     printf(", \"sgemm_n\": %d, \"sgemm_gflops\": %.2f, \"copy_gbs\": %.2f, \"date\": ",
-           mc->gemm_n, mc->gemm_gflops, mc->copy_gbs);
+           mc->gemm_n, mc->on_device ? mc->cpu_gflops : mc->gemm_gflops, mc->copy_gbs);
     cli_json_string(stdout, mc->date);
+    if (mc->on_device) // the *_share fields below are shares of this rate
+        printf(", \"device\": \"cuda\", \"device_precision\": \"%s\", \"device_gemm_n\": %d, "
+               "\"device_gemm_gflops\": %.2f",
+               mc->bf16 ? "bf16" : "fp32", mc->dev_gemm_n, mc->dev_gemm_gflops);
     printf("},\n \"shape\": {\"B\": %d, \"H\": %d, \"G\": %d, \"d\": %d, \"window\": %d, "
            "\"block_size\": %d, \"num_selected\": %d, \"compression_ratio\": %d, "
            "\"compression_block\": %d, \"select_score\": \"%s\", \"select_fixed\": \"%s\"},\n",
@@ -1055,6 +1083,36 @@ int cmd_bench(int argc, char **argv)
         mc.gemm_gflops = gflops(2.0 * g.n * (double)g.n * g.n, tg.seconds);
         mc.copy_gbs = 2.0 * c.n * sizeof(float) / tc.seconds / 1e9;
         free(g.a), free(g.b), free(g.c), free(c.src), free(c.dst);
+    }
+    if (nsa_context_device(ctx) != NSA_DEVICE_CPU) {
+        dev_gemm_arg dg = {ctx, 8192, NULL, NULL, NULL};
+        size_t bytes = (size_t)dg.n * dg.n * sizeof(float);
+        nsa_status st = ctx->ops->alloc(ctx, (void **)&dg.x, bytes);
+        if (st == NSA_OK)
+            st = ctx->ops->alloc(ctx, (void **)&dg.w, bytes);
+        if (st == NSA_OK)
+            st = ctx->ops->alloc(ctx, (void **)&dg.y, bytes);
+        if (st == NSA_OK)
+            st = upload_random(ctx, dg.x, (size_t)dg.n * dg.n, 11, -1.0f, 1.0f);
+        if (st == NSA_OK)
+            st = upload_random(ctx, dg.w, (size_t)dg.n * dg.n, 12, -1.0f, 1.0f);
+        timing td;
+        bench_cfg quick = {bc.reps, 10.0, bc.json};
+        if (st == NSA_OK)
+            st = measure(&quick, run_dev_gemm, &dg, &td);
+        ctx->ops->free(ctx, dg.x);
+        ctx->ops->free(ctx, dg.w);
+        ctx->ops->free(ctx, dg.y);
+        if (st != NSA_OK) {
+            nsa_context_free(ctx);
+            return cli_lib_error(st, 0);
+        }
+        mc.on_device = 1;
+        mc.bf16 = nsa_context_precision(ctx) == NSA_PRECISION_BF16;
+        mc.dev_gemm_n = dg.n;
+        mc.dev_gemm_gflops = gflops(2.0 * dg.n * (double)dg.n * dg.n, td.seconds);
+        mc.cpu_gflops = mc.gemm_gflops;
+        mc.gemm_gflops = mc.dev_gemm_gflops; // the shares below are of the device's rate
     }
 
     report rep = {0};
