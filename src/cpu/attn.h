@@ -24,6 +24,7 @@ enum {
 typedef struct nsa__attn_profile {
     double seconds[NSA_PHASE_COUNT];
     double wall; // seconds of the whole call
+    double wait; // wall seconds the threads spent in barriers, summed over the threads
 } nsa__attn_profile;
 
 extern const char *const nsa__attn_phase_names[NSA_PHASE_COUNT];

@@ -23,9 +23,9 @@
  * queries that chose it (an inverse index of the selection) are gathered and the block's
  * keys serve all of them at once (query by query, each pair re-read 48 KiB of packed keys
  * and read-modify-wrote 32 KiB of key gradients for a 4-row product: memory-bound). dk /
- * dv (and dkc / dvc, and the selected path's dq) go to per-thread accumulators, summed in
- * thread order at the end of the unit; tiles and blocks are dealt to threads in a fixed
- * order, so results are bit-identical run to run for a given thread count.
+ * dv (and dkc / dvc) go to per-thread accumulators, summed in thread order at the end of
+ * the unit; tiles and the selected path's sub-ranges of queries are dealt to threads in a
+ * fixed order, so results are bit-identical run to run for a given thread count.
  */
 #include "cpu/attn.h"
 #include "cpu/attn_kernels.h"
@@ -69,7 +69,7 @@ typedef struct plan {
 typedef struct unit_pack {
     float *kt, *vrow, *kct, *vcrow, *ksum, *ksumt;
     float *vt, *krow, *vct, *kcrow;
-    int *tok_first, *tok_last; // blocks overlapped by compressed token j (cmp_attn)
+    int *blk_tok_lo, *blk_tok_hi; // compressed tokens [lo, hi) overlapping block i (cmp_attn)
 } unit_pack;
 
 typedef struct scratch {
@@ -79,6 +79,9 @@ typedef struct scratch {
     float *dq_slc;              // backward: dq of the selected path, a sub-range's rows
     int *ix_start, *ix_list;    // inverse index of a sub-range's selection
     float *qg, *dog, *dqg, *lg, *dg, *dkb, *dvb; // a gathered chunk of one block's queries
+    // a sub-range's rows, read once from the [B,T,H,..] arrays: scaled q (both directions);
+    // gated dout, D = dO . o_slc and lse of the selected path (backward)
+    float *q_sub, *dog_sub, *D_sub, *lse_sub;
     float *o_acc, *m_acc, *l_acc; // forward, key-centric: this thread's partial softmax
                                   // state of the selected path, per (query, head) row
     int32_t *sel, *top;
@@ -86,7 +89,7 @@ typedef struct scratch {
     unsigned char *inq;
     key_run *runs;
     nsa__seg *segs;
-    double t[NSA_PHASE_COUNT], lap;
+    double t[NSA_PHASE_COUNT], lap, wait;
     int profiling;
 } scratch;
 
@@ -106,6 +109,20 @@ static inline void lap(scratch *sc, int phase)
     double now = thread_seconds();
     sc->t[phase] += now - sc->lap;
     sc->lap = now;
+}
+
+// A barrier, the time before it charged to `phase`; with profiling, the wall time spent
+// waiting in it is added up (a thread sleeping in a barrier uses no CPU time: the phases
+// do not show it) and the spinning part goes to "other".
+static void sync_threads(scratch *sc, int phase)
+{
+    lap(sc, phase);
+    double w0 = sc->profiling ? omp_get_wtime() : 0.0;
+#pragma omp barrier
+    if (sc->profiling) {
+        sc->wait += omp_get_wtime() - w0;
+        lap(sc, NSA_PHASE_OTHER);
+    }
 }
 
 static inline int imin(int a, int b)
@@ -179,9 +196,16 @@ static void plan_init(plan *pl, const nsa__attn_dims *dm, int threads, int score
     // blocks a query picks are scattered over more than the caches hold; the forward then
     // goes block by block too (slc_forward_blocks).
     pl->slc_blocks = dm->q_start == 0 && (size_t)dm->T * pl->dp >= 131072;
-    // ~2 qch queries per block within a sub-range (each query selects n of nb blocks): up
-    // to 16Ki queries, whose rows (~4 KiB each with their accumulators) stay in L3
+    // ~2 qch queries per block within a sub-range (each query selects n of nb blocks), but
+    // no more than keep the sub-range's rows and accumulators (2 x hpg x dp floats per
+    // query) within ~2 MiB per thread, so that both threads' rows stay in cache while the
+    // keys stream by: 8Ki queries (16 MiB per thread) ran the path at 63 GFLOP/s at
+    // T = 64k, 1Ki queries at ~85 (the keys are re-read once per sub-range: cheap, they
+    // stream in order)
     long sr = 2L * pl->qch * pl->nb / dm->num_selected;
+    long sr_cache = (2L << 20) / (8L * pl->hpg * pl->dp);
+    if (sr > sr_cache)
+        sr = sr_cache;
     pl->sub_range = (int)(sr < 256 ? 256 : sr > 16384 ? 16384 : sr);
     pl->rows_k = nsa__round4(pl->qch * pl->hpg) + 4;
     size_t slc_k = (size_t)pl->rows_k * (size_t)((dm->block_size + 7) / 8 + 2) * 8;
@@ -261,6 +285,13 @@ static char *scratch_alloc(const plan *pl, scratch *sc, int backward)
             sc->dvb = take(base, &off, kb);
             sc->ix_start = take(base, &off, sizeof(int) * ((size_t)pl->nb + 2));
             sc->ix_list = take(base, &off, sizeof(int) * (size_t)pl->sub_range * n);
+            size_t sub_rows = (size_t)pl->sub_range * pl->hpg;
+            sc->q_sub = take(base, &off, sub_rows * pl->dp * sizeof(float));
+            if (backward) {
+                sc->dog_sub = take(base, &off, sub_rows * pl->dp * sizeof(float));
+                sc->D_sub = take(base, &off, sub_rows * sizeof(float));
+                sc->lse_sub = take(base, &off, sub_rows * sizeof(float));
+            }
         }
         if (!backward && pl->slc_blocks) {
             size_t rows_all = (size_t)pl->sub_range * pl->hpg;
@@ -285,7 +316,7 @@ static float *pack_alloc(const plan *pl, unit_pack *pk, int backward)
     size_t kv = (size_t)pl->T8 * dp, kvc = (size_t)(pl->Tc8 + 8) * dp;
     size_t ks = (size_t)(nsa__round8(pl->nfull) + 8) * dp;
     size_t total = 2 * kv + 2 * kvc + 2 * ks + (backward ? 2 * kv + 2 * kvc : 0);
-    total += 2 * (size_t)(pl->Tc8 + 8); // token -> block tables (ints, float-sized)
+    total += 2 * (size_t)(pl->nbp + 8); // block -> token tables (ints, float-sized)
     float *base = malloc(nsa__mul_size(total ? total : 1, sizeof(float)));
     if (!base)
         return NULL;
@@ -302,17 +333,22 @@ static float *pack_alloc(const plan *pl, unit_pack *pk, int backward)
         pk->vct = p, p += kvc;
         pk->kcrow = p, p += kvc;
     }
-    pk->tok_first = (int *)p, p += pl->Tc8 + 8;
-    pk->tok_last = (int *)p, p += pl->Tc8 + 8;
+    pk->blk_tok_lo = (int *)p, p += pl->nbp + 8;
+    pk->blk_tok_hi = (int *)p, p += pl->nbp + 8;
+    // token j spans [j*r, j*r + l): it overlaps block i when j*r < (i+1)*b and
+    // j*r + l - 1 >= i*b, a contiguous range of j per block
     const nsa__attn_dims *dm = pl->dm;
-    for (int j = 0; j < dm->num_cmp; j++) {
-        pk->tok_first[j] = j * dm->cmp_stride / dm->block_size;
-        pk->tok_last[j] = (j * dm->cmp_stride + dm->cmp_len - 1) / dm->block_size;
+    const int r = dm->cmp_stride, l = dm->cmp_len, bs = dm->block_size;
+    for (int i = 0; i < pl->nb; i++) {
+        int lo = i * bs - l + 1, hi = ((i + 1) * bs - 1) / r + 1;
+        lo = lo <= 0 ? 0 : (lo + r - 1) / r;
+        pk->blk_tok_lo[i] = lo;
+        pk->blk_tok_hi[i] = imax(lo, imin(hi, dm->num_cmp));
     }
     return base;
 }
 
-// Packs unit (b, g) (inside a parallel region; ends with a barrier).
+// Packs unit (b, g) (inside a parallel region; the caller syncs the threads after it).
 static void pack_unit(const plan *pl, unit_pack *pk, const float *k, const float *v,
                       const float *kc, const float *vc, int b, int g, int backward)
 {
@@ -358,7 +394,6 @@ static void pack_unit(const plan *pl, unit_pack *pk, const float *k, const float
             nsa__pack_panels(pk->ksumt + (size_t)p * 8 * dp, pk->ksum, dp, dp, dp, 8 * p, 1,
                              pl->nfull);
     }
-#pragma omp barrier
 }
 
 // ---------------------------------------------------------------------------------------
@@ -499,7 +534,8 @@ static void cmp_forward(const plan *pl, const unit_pack *pk, scratch *sc, const 
             continue;
         // block scores (SPEC §3.2 cmp_attn): p of token j goes to every block its span
         // [j*r, j*r + l) overlaps; the group's heads add up (into psum first, in head
-        // order, then once per token into its blocks)
+        // order), then each block sums its tokens in token order. (Scattering token by
+        // token into the blocks chained every add through memory: ~1 CPU s at 64k.)
         float *psum = sc->kpart_big;
         for (int qi = r0 / hpg; qi * hpg < r0 + m && qi < tl->nq; qi++) {
             int nc = visible_compressed(dm, tl->t0 + qi);
@@ -511,9 +547,14 @@ static void cmp_forward(const plan *pl, const unit_pack *pk, scratch *sc, const 
                 nsa__vaxpy(psum, sc->inv[i], sc->s + (size_t)i * cols, nc);
             }
             float *bs = sc->bscore + (size_t)qi * pl->nbp;
-            for (int j = 0; j < nc; j++)
-                for (int blk = pk->tok_first[j]; blk <= pk->tok_last[j]; blk++)
-                    bs[blk] += psum[j];
+            int num_cand = (tl->t0 + qi) / dm->block_size + 1;
+            for (int blk = 0; blk < num_cand; blk++) {
+                int hi = imin(pk->blk_tok_hi[blk], nc);
+                float sum = bs[blk];
+                for (int j = pk->blk_tok_lo[blk]; j < hi; j++)
+                    sum += psum[j];
+                bs[blk] = sum;
+            }
         }
     }
 }
@@ -867,8 +908,11 @@ static void profile_add(nsa__attn_profile *prof, const scratch *sc)
     if (!prof)
         return;
 #pragma omp critical(nsa_attn_profile)
-    for (int i = 0; i < NSA_PHASE_COUNT; i++)
-        prof->seconds[i] += sc->t[i];
+    {
+        for (int i = 0; i < NSA_PHASE_COUNT; i++)
+            prof->seconds[i] += sc->t[i];
+        prof->wait += sc->wait;
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -876,11 +920,39 @@ static void profile_add(nsa__attn_profile *prof, const scratch *sc)
 // by query, each (query, block) pair reads the block's packed keys (32 KiB forward, 48 KiB
 // and a 32 KiB read-modify-write of key gradients backward) for a 4-row product: once the
 // keys outgrow the caches that is memory-bound (35 GFLOP/s at T = 64k, BENCHMARKS.md).
-// Instead each thread takes a contiguous range of queries, in sub-ranges whose rows stay
-// in cache (~4 MiB); within a sub-range it goes block by block, gathering the queries that
-// selected the block (an inverse index of the selection), so a block's keys serve ~qch
-// queries at once. Rows belong to one thread: no merging; key gradients go to the
-// thread's accumulators as elsewhere.
+// Instead the queries are cut into sub-ranges whose rows stay in cache (~2 MiB per thread;
+// their q, and backward their gated dO, D and lse, copied once into compact arrays), and
+// a thread takes whole sub-ranges; within one it goes block by block, gathering the
+// queries that selected the block (an inverse index of the selection), so a block's keys
+// serve ~qch queries at once. Rows belong to one thread: no merging; key gradients go to
+// the thread's accumulators as elsewhere.
+
+// Deals the key-centric sub-ranges of the backward to the threads: largest first, each to
+// the thread with the least work so far, by the work estimated per query (its selected
+// keys, min(t + 1, n*b), plus a fixed cost per selected block for the gathers). A fixed
+// deal keeps the key-gradient sums independent of timing; contiguous halves of the
+// queries (or a plain interleave) left one thread idle for a third of the path at T = 1k,
+// where early queries select few keys.
+static void slc_deal(const plan *pl, int nsub, int nth, int *owner, double *load)
+{
+    const nsa__attn_dims *dm = pl->dm;
+    const int bs = dm->block_size, n = dm->num_selected;
+    const long cap = (long)n * bs;
+    for (int th = 0; th < nth; th++)
+        load[th] = 0.0;
+    for (int j = nsub - 1; j >= 0; j--) {
+        int s0 = j * pl->sub_range, s1 = imin(dm->T, s0 + pl->sub_range);
+        double cost = 0.0;
+        for (int t = s0; t < s1; t++)
+            cost += (double)((t + 1 < cap ? t + 1 : cap) + 16L * imin(t / bs + 1, n));
+        int best = 0;
+        for (int th = 1; th < nth; th++)
+            if (load[th] < load[best])
+                best = th;
+        owner[j] = best;
+        load[best] += cost;
+    }
+}
 
 // The queries of positions [s0, s1) that selected block i: list[start[i] .. start[i+1]),
 // ascending.
@@ -908,18 +980,29 @@ static void slc_index_build(const plan *pl, int *start, int *list, const int32_t
     }
 }
 
-// Scaled q rows of the chunk's queries ts[0..nqc) into sc->qg (rows up to M zero).
-static void gather_q(const plan *pl, scratch *sc, const float *q, int b, int g, const int *ts,
-                     int nqc, int M)
+// The scaled q rows of the sub-range [s0, s1) of unit (b, g) into sc->q_sub, in order: the
+// chunks then gather their rows from a compact array that stays in cache (each query is
+// gathered once per selected block; from the [B,T,H,d] array that missed the caches).
+static void load_sub_q(const plan *pl, scratch *sc, const float *q, int b, int g, int s0, int s1)
 {
     const nsa__attn_dims *dm = pl->dm;
     const int d = dm->d, dp = pl->dp, hpg = pl->hpg;
-    for (int j = 0; j < nqc; j++) {
-        size_t row0 = ((size_t)b * dm->T + ts[j]) * dm->H + (size_t)g * hpg;
-        nsa__pack_rows(sc->qg + (size_t)j * hpg * dp, q + row0 * d, d, d, dp, 0, hpg, hpg,
-                       dm->scale);
+    for (int t = s0; t < s1; t++) {
+        size_t row0 = ((size_t)b * dm->T + t) * dm->H + (size_t)g * hpg;
+        nsa__pack_rows(sc->q_sub + (size_t)(t - s0) * hpg * dp, q + row0 * d, d, d, dp, 0, hpg,
+                       hpg, dm->scale);
     }
-    memset(sc->qg + (size_t)nqc * hpg * dp, 0, sizeof(float) * (size_t)(M - nqc * hpg) * dp);
+}
+
+// q rows of the chunk's queries ts[0..nqc) (of the sub-range from s0) into sc->qg (rows
+// up to M zero).
+static void gather_q(const plan *pl, scratch *sc, const int *ts, int s0, int nqc, int M)
+{
+    const size_t rows = (size_t)pl->hpg * pl->dp;
+    for (int j = 0; j < nqc; j++)
+        memcpy(sc->qg + (size_t)j * rows, sc->q_sub + (size_t)(ts[j] - s0) * rows,
+               sizeof(float) * rows);
+    memset(sc->qg + (size_t)nqc * rows, 0, sizeof(float) * (size_t)(M - nqc * pl->hpg) * pl->dp);
 }
 
 // Forward of the selected path for the queries [t_lo, t_hi) of unit (b, g): o_slc gated
@@ -935,6 +1018,7 @@ static void slc_forward_range(const plan *pl, const unit_pack *pk, scratch *sc, 
         int s1 = imin(t_hi, s0 + pl->sub_range);
         size_t rows = (size_t)(s1 - s0) * hpg;
         slc_index_build(pl, sc->ix_start, sc->ix_list, idx, b, g, s0, s1);
+        load_sub_q(pl, sc, q, b, g, s0, s1);
         memset(sc->o_acc, 0, rows * dp * sizeof(float));
         memset(sc->l_acc, 0, rows * sizeof(float));
         fill(sc->m_acc, (int)rows, -INFINITY);
@@ -947,7 +1031,7 @@ static void slc_forward_range(const plan *pl, const unit_pack *pk, scratch *sc, 
             for (int c0 = 0; c0 < count; c0 += pl->qch) {
                 int nqc = imin(pl->qch, count - c0), Mr = nqc * hpg, M = nsa__round4(Mr);
                 const int *ts = sc->ix_list + sc->ix_start[blk] + c0;
-                gather_q(pl, sc, q, b, g, ts, nqc, M);
+                gather_q(pl, sc, ts, s0, nqc, M);
                 float *S = sc->s;
                 run_scores(pl, M, sc->qg, &run, 1, pk->kt, S, cols);
                 for (int r = 0; r < M; r++) {
@@ -1011,11 +1095,11 @@ nsa_status nsa__cpu_attn_forward_ex(nsa_context *ctx, const nsa__attn_dims *dm, 
     if (!pack)
         return nsa__error(NSA_ERR_NOMEM, "out of memory for attention packing buffers");
     int failed = 0;
+    const int nsub = (dm->T + pl.sub_range - 1) / pl.sub_range; // key-centric sub-ranges
 #pragma omp parallel
     {
         scratch sc;
         char *mem = scratch_alloc(&pl, &sc, 0);
-        int id = omp_get_thread_num(), nth = omp_get_num_threads();
         if (!mem) {
 #pragma omp atomic write
             failed = 1;
@@ -1026,25 +1110,26 @@ nsa_status nsa__cpu_attn_forward_ex(nsa_context *ctx, const nsa__attn_dims *dm, 
         for (int unit = 0; unit < dm->B * dm->G && !failed; unit++) {
             int b = unit / dm->G, g = unit % dm->G;
             pack_unit(&pl, &pk, k, v, kc, vc, b, g, 0);
-            lap(&sc, NSA_PHASE_PACK);
+            sync_threads(&sc, NSA_PHASE_PACK);
             // largest (latest) tiles first: the compressed path grows with t
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
             for (int it = 0; it < pl.ntiles; it++) {
                 tile tl;
                 tile_init(&pl, &tl, b, g, pl.ntiles - 1 - it);
                 tile_forward(&pl, &pk, &sc, &tl, q, k, gates, given_idx, idx, out, o_paths, lse);
             }
-            lap(&sc, NSA_PHASE_OTHER);
+            sync_threads(&sc, NSA_PHASE_OTHER);
             if (!pl.slc_blocks)
                 continue;
-            // the selection of the whole unit is known: the selected path per block, each
-            // thread on its own range of queries
-            slc_forward_range(&pl, &pk, &sc, b, g, (int)((long)dm->T * id / nth),
-                              (int)((long)dm->T * (id + 1) / nth), q, idx, gates, out, o_paths,
-                              lse);
-            lap(&sc, NSA_PHASE_SLC);
-#pragma omp barrier
-            lap(&sc, NSA_PHASE_OTHER);
+            // the selection of the whole unit is known: the selected path per block, by
+            // sub-ranges of queries dealt as they come, latest first (each query's rows are
+            // computed by one thread, so the result does not depend on the deal)
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int j = 0; j < nsub; j++) {
+                int s0 = (nsub - 1 - j) * pl.sub_range, s1 = imin(dm->T, s0 + pl.sub_range);
+                slc_forward_range(&pl, &pk, &sc, b, g, s0, s1, q, idx, gates, out, o_paths, lse);
+            }
+            sync_threads(&sc, NSA_PHASE_SLC);
         }
         if (mem)
             profile_add(prof, &sc);
@@ -1197,6 +1282,18 @@ static void slc_backward_range(const plan *pl, const unit_pack *pk, scratch *sc,
     for (int s0 = t_lo; s0 < t_hi; s0 += pl->sub_range) {
         int s1 = imin(t_hi, s0 + pl->sub_range);
         slc_index_build(pl, sc->ix_start, sc->ix_list, idx, b, g, s0, s1);
+        load_sub_q(pl, sc, q, b, g, s0, s1);
+        for (int t = s0; t < s1; t++)
+            for (int hh = 0; hh < hpg; hh++) {
+                size_t row = ((size_t)b * T + t) * H + (size_t)g * hpg + hh;
+                size_t R = (size_t)(t - s0) * hpg + hh;
+                float *dor = sc->dog_sub + R * dp;
+                nsa__vcopy_scaled(dor, dout + row * d, d, gates[row * 3 + 1]);
+                for (int c = d; c < dp; c++)
+                    dor[c] = 0.0f;
+                sc->lse_sub[R] = lse[row * 3 + 1];
+                sc->D_sub[R] = nsa__vdot(dor, o_slc + row * d, d);
+            }
         memset(sc->dq_slc, 0, (size_t)(s1 - s0) * hpg * dp * sizeof(float));
         for (int blk = 0; blk < pl->nb; blk++) {
             int count = sc->ix_start[blk + 1] - sc->ix_start[blk];
@@ -1209,18 +1306,16 @@ static void slc_backward_range(const plan *pl, const unit_pack *pk, scratch *sc,
             for (int c0 = 0; c0 < count; c0 += pl->qch) {
                 int nqc = imin(pl->qch, count - c0), Mr = nqc * hpg, M = nsa__round4(Mr);
                 const int *ts = sc->ix_list + sc->ix_start[blk] + c0;
-                gather_q(pl, sc, q, b, g, ts, nqc, M);
-                for (int j = 0; j < nqc; j++)
+                gather_q(pl, sc, ts, s0, nqc, M);
+                for (int j = 0; j < nqc; j++) {
+                    size_t R0 = (size_t)(ts[j] - s0) * hpg;
+                    memcpy(sc->dog + (size_t)j * hpg * dp, sc->dog_sub + R0 * dp,
+                           sizeof(float) * (size_t)hpg * dp);
                     for (int hh = 0; hh < hpg; hh++) {
-                        size_t row = ((size_t)b * T + ts[j]) * H + (size_t)g * hpg + hh;
-                        int r = j * hpg + hh;
-                        float *dor = sc->dog + (size_t)r * dp;
-                        nsa__vcopy_scaled(dor, dout + row * d, d, gates[row * 3 + 1]);
-                        for (int c = d; c < dp; c++)
-                            dor[c] = 0.0f;
-                        sc->lg[r] = lse[row * 3 + 1];
-                        sc->dg[r] = nsa__vdot(dor, o_slc + row * d, d);
+                        sc->lg[j * hpg + hh] = sc->lse_sub[R0 + hh];
+                        sc->dg[j * hpg + hh] = sc->D_sub[R0 + hh];
                     }
+                }
                 memset(sc->dog + (size_t)Mr * dp, 0, sizeof(float) * (size_t)(M - Mr) * dp);
                 float *S = sc->s, *dP = sc->s2;
                 run_scores(pl, M, sc->qg, &run, 1, pk->kt, S, cols);
@@ -1285,8 +1380,14 @@ nsa_status nsa__cpu_attn_backward_ex(nsa_context *ctx, const nsa__attn_dims *dm,
     if (!pack)
         return nsa__error(NSA_ERR_NOMEM, "out of memory for attention packing buffers");
     const int threads = omp_get_max_threads();
+    const int nsub = (T + pl.sub_range - 1) / pl.sub_range; // key-centric sub-ranges
     float **acc = calloc((size_t)threads * 4, sizeof(float *));
-    if (!acc) {
+    int *owner = malloc(sizeof(int) * (size_t)nsub);
+    double *load = malloc(sizeof(double) * (size_t)threads);
+    if (!acc || !owner || !load) {
+        free(acc);
+        free(owner);
+        free(load);
         free(pack);
         return nsa__error(NSA_ERR_NOMEM, "out of memory for attention scratch buffers");
     }
@@ -1305,7 +1406,8 @@ nsa_status nsa__cpu_attn_backward_ex(nsa_context *ctx, const nsa__attn_dims *dm,
             acc[id * 4 + 2] = sc.dkc;
             acc[id * 4 + 3] = sc.dvc;
         }
-#pragma omp barrier
+#pragma omp single
+        slc_deal(&pl, nsub, nth, owner, load);
         sc.profiling = prof != NULL;
         sc.lap = sc.profiling ? thread_seconds() : 0.0;
         const size_t kv = (size_t)pl.T8 * pl.dp, kvc = (size_t)(pl.Tc8 + 8) * pl.dp;
@@ -1316,22 +1418,26 @@ nsa_status nsa__cpu_attn_backward_ex(nsa_context *ctx, const nsa__attn_dims *dm,
             memset(sc.dv, 0, kv * sizeof(float));
             memset(sc.dkc, 0, kvc * sizeof(float));
             memset(sc.dvc, 0, kvc * sizeof(float));
-            lap(&sc, NSA_PHASE_PACK);
+            sync_threads(&sc, NSA_PHASE_PACK);
             // a fixed interleaved deal of tiles (largest first): the accumulators' sums
             // then do not depend on timing
-#pragma omp for schedule(static, 1)
+#pragma omp for schedule(static, 1) nowait
             for (int it = 0; it < pl.ntiles; it++) {
                 tile tl;
                 tile_init(&pl, &tl, b, g, pl.ntiles - 1 - it);
                 tile_backward(&pl, &pk, &sc, &tl, q, gates, idx, o_paths, lse, dout, dq, dgates);
             }
-            slc_backward_range(&pl, &pk, &sc, b, g, (int)((long)T * id / nth),
-                               (int)((long)T * (id + 1) / nth), q, idx, gates, o_paths, lse,
-                               dout, dq);
-            lap(&sc, NSA_PHASE_SLC);
-#pragma omp barrier
+            sync_threads(&sc, NSA_PHASE_OTHER); // the tiles wrote dq; the selected path adds
+            for (int j = nsub - 1; j >= 0; j--) {
+                if (owner[j] != id)
+                    continue;
+                int s0 = j * pl.sub_range, s1 = imin(T, s0 + pl.sub_range);
+                slc_backward_range(&pl, &pk, &sc, b, g, s0, s1, q, idx, gates, o_paths, lse,
+                                   dout, dq);
+            }
+            sync_threads(&sc, NSA_PHASE_SLC);
             // sum the threads' accumulators in thread order into this unit's rows
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int s = 0; s < T + Tc; s++) {
                 int cmp = s >= T, pos = cmp ? s - T : s;
                 float *dst = cmp ? dkc + (((size_t)b * Tc + pos) * G + g) * d
@@ -1348,13 +1454,15 @@ nsa_status nsa__cpu_attn_backward_ex(nsa_context *ctx, const nsa__attn_dims *dm,
                     dst_v[c] = sv;
                 }
             }
-            lap(&sc, NSA_PHASE_OTHER);
+            sync_threads(&sc, NSA_PHASE_OTHER); // before the next unit zeroes the sums
         }
         if (mem)
             profile_add(prof, &sc);
         free(mem);
     }
     free(acc);
+    free(owner);
+    free(load);
     free(pack);
     if (failed)
         return nsa__error(NSA_ERR_NOMEM, "out of memory for attention scratch buffers");
