@@ -488,6 +488,70 @@ template <class K> static nsa_status allow_smem(nsa_context *ctx, K kernel, size
 
 enum { PATH_CMP = 0, PATH_SLC = 1, PATH_WIN = 2 }; // also the slots of lse and gates
 
+// The work of one thread block of a key-centric backward pass (the fp32 and the bf16
+// kernels): a tile of at most `tk` keys key0 .. key_end - 1 (rows of k/v, or of kc/vc for the
+// compressed path) of kv head g of batch b, and the flattened (query, head) rows [rg_begin,
+// rg_end) that attend it: position t0 + rg / hpg (window, compressed) or list[rg / hpg]
+// (selected). Window: every query that sees the tile (grid: tiles x G x B). Compressed:
+// pieces of `split` rows (grid: pieces * tiles x G x B). Selected: work items of the
+// inverted index, `split` positions each (grid: items x chunks of the block). False when
+// the block has nothing to do.
+struct dkv_work {
+    int g, b, key0, key_end, t0;
+    long long rg_begin, rg_end;
+    const int *list;
+};
+
+template <int PATH>
+static __device__ __forceinline__ bool dkv_work_of(dkv_work &w, const attn_shape &s, int tk,
+                                                   const int *list_offsets, const int *lists,
+                                                   const int *item_start, int split)
+{
+    w.t0 = 0;
+    w.rg_begin = 0;
+    w.list = NULL;
+    if (PATH == PATH_SLC) {
+        int n_keys = s.B * s.G * s.nb, item = blockIdx.x;
+        if (item >= item_start[n_keys])
+            return false;
+        int lo = 0, hi = n_keys - 1; // the last key whose items start at or before `item`
+        while (lo < hi) {
+            int mid = (lo + hi + 1) / 2;
+            if (item_start[mid] <= item)
+                lo = mid;
+            else
+                hi = mid - 1;
+        }
+        int key = lo, seg = item - item_start[lo];
+        int blk = key % s.nb;
+        w.g = (key / s.nb) % s.G;
+        w.b = key / (s.nb * s.G);
+        w.key0 = blk * s.b + blockIdx.y * tk;
+        w.key_end = min(min(w.key0 + tk, blk * s.b + s.b), s.T);
+        int off = list_offsets[key], count = list_offsets[key + 1] - off;
+        int first = seg * split, npos = min(split, count - first);
+        w.list = lists + off + first;
+        w.rg_end = (long long)npos * s.hpg;
+    } else {
+        int Tk = PATH == PATH_CMP ? s.Tc : s.T;
+        w.g = blockIdx.y;
+        w.b = blockIdx.z;
+        int tiles = (Tk + tk - 1) / tk;
+        int tile = PATH == PATH_CMP ? blockIdx.x % tiles : blockIdx.x;
+        w.key0 = tile * tk;
+        w.key_end = min(w.key0 + tk, Tk);
+        w.t0 = PATH == PATH_CMP ? w.key0 * s.r + s.l - 1 : w.key0;
+        int t1 = PATH == PATH_CMP ? s.T - 1 : min(s.T - 1, w.key_end - 1 + s.w - 1);
+        long long num_rows = t1 >= w.t0 ? (long long)(t1 - w.t0 + 1) * s.hpg : 0;
+        w.rg_end = num_rows;
+        if (PATH == PATH_CMP) {
+            w.rg_begin = (long long)(blockIdx.x / tiles) * split;
+            w.rg_end = min(num_rows, w.rg_begin + split);
+        }
+    }
+    return w.key0 < w.key_end && w.rg_begin < w.rg_end;
+}
+
 // Selection into idx [B,Tq,G,n] when the fused scoring does not run: mean_key (kcum:
 // scratch of B*T*G*d floats) or cmp_attn (from the compressed path's lse in lse3).
 nsa_status nsa__cuda_attn_select(nsa_context *ctx, const attn_shape &s, int mean_key, int32_t *idx,

@@ -282,55 +282,16 @@ __global__ void __launch_bounds__(TILE_THREADS, 1)
     const int NV = tile_dims<DP>::NV;
     int Tk = PATH == PATH_CMP ? s.Tc : s.T;
 
-    // The key tile and its query rows [rg_begin, rg_end). Window: all its queries, one
-    // block per tile, written (=). Compressed: the queries split in pieces of `split` rows,
-    // one block each, added with atomics. Selected: work items (block, piece of its query
-    // list of `split` positions), added with atomics.
-    int g, b, key0, key_end, t0 = 0;
-    long long rg_begin = 0, rg_end;
-    const int *list = NULL;
-    if (PATH == PATH_SLC) {
-        int n_keys = s.B * s.G * s.nb, item = blockIdx.x;
-        if (item >= item_start[n_keys])
-            return;
-        int lo = 0, hi = n_keys - 1; // the last key whose items start at or before `item`
-        while (lo < hi) {
-            int mid = (lo + hi + 1) / 2;
-            if (item_start[mid] <= item)
-                lo = mid;
-            else
-                hi = mid - 1;
-        }
-        int key = lo, seg = item - item_start[lo];
-        int blk = key % s.nb;
-        g = (key / s.nb) % s.G;
-        b = key / (s.nb * s.G);
-        key0 = blk * s.b + blockIdx.y * TK;
-        key_end = min(min(key0 + TK, blk * s.b + s.b), s.T);
-        int off = list_offsets[key], count = list_offsets[key + 1] - off;
-        int first = seg * split, npos = min(split, count - first);
-        list = lists + off + first;
-        rg_end = (long long)npos * s.hpg;
-    } else {
-        g = blockIdx.y;
-        b = blockIdx.z;
-        int tiles = (Tk + TK - 1) / TK;
-        int tile = PATH == PATH_CMP ? blockIdx.x % tiles : blockIdx.x;
-        key0 = tile * TK;
-        key_end = min(key0 + TK, Tk);
-        t0 = PATH == PATH_CMP ? key0 * s.r + s.l - 1 : key0;
-        int t1 = PATH == PATH_CMP ? s.T - 1 : min(s.T - 1, key_end - 1 + s.w - 1);
-        long long num_rows = t1 >= t0 ? (long long)(t1 - t0 + 1) * s.hpg : 0;
-        rg_end = num_rows;
-        if (PATH == PATH_CMP) {
-            rg_begin = (long long)(blockIdx.x / tiles) * split;
-            if (rg_begin >= num_rows)
-                return; // nothing to add
-            rg_end = min(num_rows, rg_begin + split);
-        }
-    }
-    if (key0 >= key_end)
+    // The key tile and its query rows [rg_begin, rg_end) (dkv_work_of). Window: all its
+    // queries, one block per tile, written (=). Compressed: the queries split in pieces of
+    // `split` rows, one block each, added with atomics. Selected: work items (block, piece of
+    // its query list of `split` positions), added with atomics.
+    dkv_work w;
+    if (!dkv_work_of<PATH>(w, s, TK, list_offsets, lists, item_start, split))
         return;
+    int g = w.g, b = w.b, key0 = w.key0, key_end = w.key_end, t0 = w.t0;
+    long long rg_begin = w.rg_begin, rg_end = w.rg_end;
+    const int *list = w.list;
     int cnt = key_end - key0;
     size_t stride = (size_t)s.G * s.d, base = (size_t)b * Tk * stride + (size_t)g * s.d;
     load_keys<DP>(Kt, NULL, Vt, NULL, K, V, base, stride, key0, cnt, s.d);

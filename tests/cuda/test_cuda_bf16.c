@@ -58,33 +58,6 @@ static uint16_t *to_bf16(float *x, size_t n)
     return h;
 }
 
-typedef struct bcase {
-    const char *name;
-    int B, T, H, G, d, b, w, r, l, n;
-    nsa_select_score score;
-    nsa_select_fixed fixed;
-    int given;
-} bcase;
-
-static void dims_of(nsa__attn_dims *dm, const bcase *c)
-{
-    nsa_attention_desc desc;
-    memset(&desc, 0, sizeof desc);
-    desc.batch = c->B;
-    desc.seq_len = c->T;
-    desc.num_heads = c->H;
-    desc.num_kv_heads = c->G;
-    desc.head_dim = c->d;
-    desc.block_size = c->b;
-    desc.window_size = c->w;
-    desc.compression_ratio = c->r;
-    desc.compression_block = c->l;
-    desc.num_selected_blocks = c->n;
-    desc.select_score = c->score;
-    desc.select_fixed = c->fixed;
-    nsa__attn_dims_init(dm, &desc);
-}
-
 // Random valid selections: per row 1..min(n, candidates) distinct blocks, ascending,
 // -1 padded.
 static void random_indices(int32_t *idx, int B, int T, int G, int n, int b)
@@ -107,7 +80,7 @@ static void *dput16(nsa_context *c, const uint16_t *h, size_t n)
     return dput(c, h, n * sizeof(uint16_t));
 }
 
-static void bf16_case(const bcase *c)
+static void bf16_case(const att_case *c)
 {
     nsa__attn_dims dm;
     dims_of(&dm, c);
@@ -219,7 +192,7 @@ static void bf16_case(const bcase *c)
         free(hall[i]);
 }
 
-static const bcase cases[] = {
+static const att_case cases[] = {
     // name                    B  T    H   G  d    b   w    r   l   n  score  fixed  given
     {"gqa16_d128_paper_shape", 1, 1100, 32, 2, 128, 64, 128, 16, 32, 6, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
     {"gqa16_d64_given", 2, 300, 16, 1, 64, 32, 64, 16, 32, 4, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_NONE, 1},
@@ -229,6 +202,7 @@ static const bcase cases[] = {
     {"gqa3_d40_unfused", 1, 150, 6, 2, 40, 12, 30, 6, 12, 3, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
     {"gqa8_d128_big_blocks", 1, 333, 8, 1, 128, 100, 70, 10, 20, 2, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_NONE, 0},
     {"tiny_T5", 1, 5, 4, 1, 64, 4, 3, 2, 4, 3, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
+    {"gqa32_d64_wide_positions", 1, 200, 32, 1, 64, 16, 32, 8, 16, 4, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
 };
 
 static void test_bf16_attention(void)
@@ -249,14 +223,14 @@ static void test_bf16_attention_mt1(void)
 
 static void test_bf16_race(void)
 {
-    static const bcase race = {"race", 1, 140, 16, 1, 64, 16, 24, 8, 16, 3, NSA_SELECT_CMP_ATTN,
+    static const att_case race = {"race", 1, 140, 16, 1, 64, 16, 24, 8, 16, 3, NSA_SELECT_CMP_ATTN,
                                NSA_SELECT_FIXED_PAPER, 0};
     bf16_case(&race);
 }
 
 static void test_bf16_rejects(void)
 {
-    bcase c = {"odd_head_dim", 1, 40, 4, 1, 36, 8, 8, 4, 8, 2, NSA_SELECT_CMP_ATTN,
+    att_case c = {"odd_head_dim", 1, 40, 4, 1, 36, 8, 8, 4, 8, 2, NSA_SELECT_CMP_ATTN,
                NSA_SELECT_FIXED_NONE, 0};
     nsa__attn_dims dm;
     dims_of(&dm, &c);
