@@ -15,64 +15,8 @@ mkdir -p "$tmp/o"
 passed=0
 failed=0
 
-ok() {
-    echo "ok $1"
-    passed=$((passed + 1))
-}
-fail() {
-    echo "FAIL $1: $2"
-    failed=$((failed + 1))
-}
-# check NAME COMMAND...: ok when the command succeeds.
-check() {
-    local name=$1
-    shift
-    if "$@"; then ok "$name"; else fail "$name" "check failed (see above)"; fi
-}
-
-# run ARGS...: runs nsa; rc, $tmp/out (stdout), $tmp/err (stderr).
-run() {
-    timeout 20 "$NSA_BIN" "$@" >"$tmp/out" 2>"$tmp/err"
-    rc=$?
-}
-# run_ok NAME ARGS...: the run must exit 0.
-run_ok() {
-    local name=$1
-    shift
-    run "$@"
-    if [ "$rc" -eq 0 ]; then ok "$name"; else fail "$name" "exit $rc: $(head -c 400 "$tmp/err")"; fi
-}
-# expect_fail NAME PATTERN OUTFILE ARGS...: exit 2, stderr starting with "nsa: " and matching
-# the extended regex PATTERN (case-insensitive), no OUTFILE (or temporary next to it) left.
-expect_fail() {
-    local name=$1 pattern=$2 outfile=$3
-    shift 3
-    [ -n "$outfile" ] && rm -f "$outfile"
-    run "$@"
-    local why=""
-    if [ "$rc" -eq 124 ]; then
-        why="timed out"
-    elif [ "$rc" -ge 128 ]; then
-        why="crashed (exit $rc)"
-    elif [ "$rc" -ne 2 ]; then
-        why="exit $rc, expected 2"
-    elif ! head -n 1 "$tmp/err" | grep -q '^nsa: '; then
-        why="stderr does not start with 'nsa: '"
-    elif ! grep -Eqi -- "$pattern" "$tmp/err"; then
-        why="message does not match /$pattern/"
-    elif [ -n "$outfile" ] && compgen -G "$outfile*" >/dev/null; then
-        why="output file left behind: $(ls "$outfile"*)"
-    fi
-    if [ -z "$why" ]; then ok "$name"; else fail "$name" "$why: $(head -c 400 "$tmp/err")"; fi
-}
-# has_all FILE STRING...: every string occurs in FILE.
-has_all() {
-    local file=$1 s
-    shift
-    for s in "$@"; do
-        grep -qF -- "$s" "$file" || return 1
-    done
-}
+RUN_TIMEOUT=20
+source "$(dirname "${BASH_SOURCE[0]}")/lib_cli.sh"
 # py CODE ARGS...: Python with numpy as np, json, struct, sys imported.
 py() {
     local code=$1
@@ -117,18 +61,18 @@ check help_init_flags has_all "$tmp/out" --seed --out --threads
 
 run
 if [ "$rc" -eq 2 ]; then ok no_command; else fail no_command "exit $rc"; fi
-expect_fail unknown_command 'frobnicate' "" frobnicate
-expect_fail unknown_flag 'bogus' "" info "${SMALL[@]}" --bogus 3
-expect_fail missing_value 'hidden.size' "" info --embed-dim 4 --hidden-size
-expect_fail value_is_flag 'hidden.size' "" info --embed-dim 4 --hidden-size --json
-expect_fail positional_arg 'stray' "" info "${SMALL[@]}" stray
-expect_fail switch_with_value 'json' "" info "${SMALL[@]}" --json=1
-expect_fail bad_preset 'preset' "" info --embed-dim 4 --preset nope
-expect_fail bad_threads 'threads' "" info "${SMALL[@]}" --threads abc
-expect_fail negative_threads 'threads' "" info "${SMALL[@]}" --threads -1
-expect_fail bad_device 'device' "" info "${SMALL[@]}" --device tpu
-expect_fail bad_precision 'precision fp8' "" info "${SMALL[@]}" --precision fp8
-expect_fail bf16_needs_cuda 'precision bf16.*device cuda' "" info "${SMALL[@]}" --precision bf16
+expect_fail_out unknown_command 'frobnicate' "" frobnicate
+expect_fail_out unknown_flag 'bogus' "" info "${SMALL[@]}" --bogus 3
+expect_fail_out missing_value 'hidden.size' "" info --embed-dim 4 --hidden-size
+expect_fail_out value_is_flag 'hidden.size' "" info --embed-dim 4 --hidden-size --json
+expect_fail_out positional_arg 'stray' "" info "${SMALL[@]}" stray
+expect_fail_out switch_with_value 'json' "" info "${SMALL[@]}" --json=1
+expect_fail_out bad_preset 'preset' "" info --embed-dim 4 --preset nope
+expect_fail_out bad_threads 'threads' "" info "${SMALL[@]}" --threads abc
+expect_fail_out negative_threads 'threads' "" info "${SMALL[@]}" --threads -1
+expect_fail_out bad_device 'device' "" info "${SMALL[@]}" --device tpu
+expect_fail_out bad_precision 'precision fp8' "" info "${SMALL[@]}" --precision fp8
+expect_fail_out bf16_needs_cuda 'precision bf16.*device cuda' "" info "${SMALL[@]}" --precision bf16
 run_ok precision_fp32 info "${SMALL[@]}" --precision fp32
 # cuda: works where the build and machine have it, else exit 1 with a message.
 run info "${SMALL[@]}" --device cuda
@@ -198,8 +142,8 @@ run_ok info_preset_order info --embed-dim 64 --num-heads 8 --window-size 7 --pre
 check info_preset_order_value py '
 assert json.load(open(sys.argv[1]))["window_size"] == 7' "$tmp/out"
 
-expect_fail info_missing_embed_dim 'embed.dim' "" info --hidden-size 32
-expect_fail info_missing_embed_dim_json 'embed.dim' "" info --json
+expect_fail_out info_missing_embed_dim 'embed.dim' "" info --hidden-size 32
+expect_fail_out info_missing_embed_dim_json 'embed.dim' "" info --json
 
 # ---------------------------------------------------------------------------------------
 # Every rule of SPEC §1 broken: info and init refuse, naming the option.
@@ -242,9 +186,9 @@ for rule in "${RULES[@]}"; do
     args=${rule#*|}
     pattern="${opt//_/[-_]}"
     # shellcheck disable=SC2086
-    expect_fail "rule_info_${i}_$opt" "$pattern" "" info $args
+    expect_fail_out "rule_info_${i}_$opt" "$pattern" "" info $args
     # shellcheck disable=SC2086
-    expect_fail "rule_init_${i}_$opt" "$pattern" "$tmp/o/rule.safetensors" init $args \
+    expect_fail_out "rule_init_${i}_$opt" "$pattern" "$tmp/o/rule.safetensors" init $args \
         --out "$tmp/o/rule.safetensors"
     i=$((i + 1))
 done
@@ -295,16 +239,16 @@ check info_checkpoint_same cmp -s "$tmp/out" "$tmp/info_small.json"
 run_ok info_checkpoint_text info --checkpoint "$M"
 check info_checkpoint_text_count grep -Eq '^param_count +27558$' "$tmp/out"
 
-expect_fail init_missing_out '--out' "" init "${SMALL[@]}"
-expect_fail init_missing_embed_dim 'embed.dim' "$tmp/o/m.safetensors" init --out \
+expect_fail_out init_missing_out '--out' "" init "${SMALL[@]}"
+expect_fail_out init_missing_embed_dim 'embed.dim' "$tmp/o/m.safetensors" init --out \
     "$tmp/o/m.safetensors"
-expect_fail init_bad_seed 'seed' "$tmp/o/m.safetensors" init "${SMALL[@]}" --seed abc \
+expect_fail_out init_bad_seed 'seed' "$tmp/o/m.safetensors" init "${SMALL[@]}" --seed abc \
     --out "$tmp/o/m.safetensors"
-expect_fail init_negative_seed 'seed' "$tmp/o/m.safetensors" init "${SMALL[@]}" --seed -1 \
+expect_fail_out init_negative_seed 'seed' "$tmp/o/m.safetensors" init "${SMALL[@]}" --seed -1 \
     --out "$tmp/o/m.safetensors"
-expect_fail init_unknown_flag 'colour' "$tmp/o/m.safetensors" init "${SMALL[@]}" --colour red \
+expect_fail_out init_unknown_flag 'colour' "$tmp/o/m.safetensors" init "${SMALL[@]}" --colour red \
     --out "$tmp/o/m.safetensors"
-expect_fail info_checkpoint_and_options 'checkpoint' "" info --checkpoint "$M" --hidden-size 8
+expect_fail_out info_checkpoint_and_options 'checkpoint' "" info --checkpoint "$M" --hidden-size 8
 run init "${SMALL[@]}" --out "$tmp/no/such/dir/m.safetensors"
 if [ "$rc" -eq 1 ] && grep -q '^nsa: ' "$tmp/err"; then ok init_unwritable_exit_1; else
     fail init_unwritable_exit_1 "exit $rc: $(head -c 300 "$tmp/err")"; fi
@@ -360,17 +304,17 @@ if [ "$rc" -eq 1 ] && grep -q '^nsa: ' "$tmp/err"; then ok forward_unwritable_ex
     fail forward_unwritable_exit_1 "exit $rc: $(head -c 300 "$tmp/err")"; fi
 
 O="$tmp/o/y.npy"
-expect_fail forward_missing_checkpoint_flag 'checkpoint' "$O" forward --input "$tmp/x.npy" \
+expect_fail_out forward_missing_checkpoint_flag 'checkpoint' "$O" forward --input "$tmp/x.npy" \
     --output "$O"
-expect_fail forward_missing_input_flag 'input' "$O" forward --checkpoint "$M" --output "$O"
-expect_fail forward_missing_output_flag 'output' "" forward --checkpoint "$M" --input "$tmp/x.npy"
-expect_fail forward_model_option 'hidden.size' "$O" forward --checkpoint "$M" \
+expect_fail_out forward_missing_input_flag 'input' "$O" forward --checkpoint "$M" --output "$O"
+expect_fail_out forward_missing_output_flag 'output' "" forward --checkpoint "$M" --input "$tmp/x.npy"
+expect_fail_out forward_model_option 'hidden.size' "$O" forward --checkpoint "$M" \
     --input "$tmp/x.npy" --output "$O" --hidden-size 8
-expect_fail forward_no_checkpoint 'nope\.safetensors' "$O" forward --checkpoint \
+expect_fail_out forward_no_checkpoint 'nope\.safetensors' "$O" forward --checkpoint \
     "$tmp/nope.safetensors" --input "$tmp/x.npy" --output "$O"
-expect_fail forward_no_input 'nope\.npy' "$O" forward --checkpoint "$M" --input \
+expect_fail_out forward_no_input 'nope\.npy' "$O" forward --checkpoint "$M" --input \
     "$tmp/nope.npy" --output "$O"
-expect_fail forward_checkpoint_is_dir "$(basename "$tmp")" "$O" forward --checkpoint "$tmp" \
+expect_fail_out forward_checkpoint_is_dir "$(basename "$tmp")" "$O" forward --checkpoint "$tmp" \
     --input "$tmp/x.npy" --output "$O"
 
 # Bad inputs for a feature model: shape, dtype, values.
@@ -463,7 +407,7 @@ BAD_INPUTS=(
 )
 for item in "${BAD_INPUTS[@]}"; do
     name=${item%%|*}
-    expect_fail "forward_bad_input_$name" "${item#*|}" "$O" forward --checkpoint "$M" \
+    expect_fail_out "forward_bad_input_$name" "${item#*|}" "$O" forward --checkpoint "$M" \
         --input "$tmp/$name.npy" --output "$O"
 done
 
@@ -525,14 +469,14 @@ w("header_long_string", struct.pack("<Q", 1 << 20) + b"{\"" + b"a" * ((1 << 20) 
 ' "$tmp" "$M"
 for ck in "$tmp"/ck_*.safetensors; do
     name=$(basename "$ck" .safetensors)
-    expect_fail "info_$name" "$name" "" info --checkpoint "$ck"
-    expect_fail "forward_$name" "$name" "$O" forward --checkpoint "$ck" --input "$tmp/x.npy" \
+    expect_fail_out "info_$name" "$name" "" info --checkpoint "$ck"
+    expect_fail_out "forward_$name" "$name" "$O" forward --checkpoint "$ck" --input "$tmp/x.npy" \
         --output "$O"
 done
 # A bad option in the metadata: the message names the option and its value too.
-expect_fail ck_meta_names_kv_heads 'num_kv_heads.*3' "" info \
+expect_fail_out ck_meta_names_kv_heads 'num_kv_heads.*3' "" info \
     --checkpoint "$tmp/ck_meta_kv_heads_3.safetensors"
-expect_fail ck_meta_names_hidden_size 'hidden_size.*abc' "" info \
+expect_fail_out ck_meta_names_hidden_size 'hidden_size.*abc' "" info \
     --checkpoint "$tmp/ck_meta_hidden_abc.safetensors"
 
 # A BF16 checkpoint (accepted on load, SPEC §7) gives nearly the same output.
@@ -603,17 +547,17 @@ check lm_1d_shape py '
 a, b = np.load(sys.argv[1]), np.load(sys.argv[2])
 assert b.shape == (9, 50) and np.allclose(a[1], b, atol=1e-5)
 ' "$tmp/logits.npy" "$tmp/logits1.npy"
-expect_fail lm_token_50 'token 50|50' "$O" forward --checkpoint "$LM" --input "$tmp/tok_50.npy" \
+expect_fail_out lm_token_50 'token 50|50' "$O" forward --checkpoint "$LM" --input "$tmp/tok_50.npy" \
     --output "$O"
-expect_fail lm_token_negative '-1' "$O" forward --checkpoint "$LM" --input "$tmp/tok_neg.npy" \
+expect_fail_out lm_token_negative '-1' "$O" forward --checkpoint "$LM" --input "$tmp/tok_neg.npy" \
     --output "$O"
-expect_fail lm_token_huge '1099511627776' "$O" forward --checkpoint "$LM" \
+expect_fail_out lm_token_huge '1099511627776' "$O" forward --checkpoint "$LM" \
     --input "$tmp/tok_huge.npy" --output "$O"
-expect_fail lm_float_tokens 'float32|dtype|int' "$O" forward --checkpoint "$LM" \
+expect_fail_out lm_float_tokens 'float32|dtype|int' "$O" forward --checkpoint "$LM" \
     --input "$tmp/tok_float.npy" --output "$O"
-expect_fail lm_tokens_3d 'dim|shape' "$O" forward --checkpoint "$LM" --input "$tmp/tok_3d.npy" \
+expect_fail_out lm_tokens_3d 'dim|shape' "$O" forward --checkpoint "$LM" --input "$tmp/tok_3d.npy" \
     --output "$O"
-expect_fail lm_tokens_empty 'empty|shape' "$O" forward --checkpoint "$LM" \
+expect_fail_out lm_tokens_empty 'empty|shape' "$O" forward --checkpoint "$LM" \
     --input "$tmp/tok_empty.npy" --output "$O"
 
 echo "RESULT $passed $failed"

@@ -15,60 +15,8 @@ trap 'rm -rf "$tmp"' EXIT
 passed=0
 failed=0
 
-ok() {
-    echo "ok $1"
-    passed=$((passed + 1))
-}
-fail() {
-    echo "FAIL $1: $2"
-    failed=$((failed + 1))
-}
-# check NAME COMMAND...: ok when the command succeeds.
-check() {
-    local name=$1
-    shift
-    if "$@"; then ok "$name"; else fail "$name" "check failed (see above)"; fi
-}
-# run ARGS...: runs nsa; rc, $tmp/out (stdout), $tmp/err (stderr).
-run() {
-    timeout 60 "$NSA_BIN" "$@" >"$tmp/out" 2>"$tmp/err"
-    rc=$?
-}
-# run_ok NAME ARGS...: the run must exit 0.
-run_ok() {
-    local name=$1
-    shift
-    run "$@"
-    if [ "$rc" -eq 0 ]; then ok "$name"; else fail "$name" "exit $rc: $(head -c 600 "$tmp/err")"; fi
-}
-# expect_fail NAME PATTERN ARGS...: exit 2, stderr starting with "nsa: " and matching the
-# extended regex PATTERN (case-insensitive).
-expect_fail() {
-    local name=$1 pattern=$2
-    shift 2
-    run "$@"
-    local why=""
-    if [ "$rc" -eq 124 ]; then
-        why="timed out"
-    elif [ "$rc" -ge 128 ]; then
-        why="crashed (exit $rc)"
-    elif [ "$rc" -ne 2 ]; then
-        why="exit $rc, expected 2"
-    elif ! head -n 1 "$tmp/err" | grep -q '^nsa: '; then
-        why="stderr does not start with 'nsa: '"
-    elif ! grep -Eqi -- "$pattern" "$tmp/err"; then
-        why="message does not match /$pattern/"
-    fi
-    if [ -z "$why" ]; then ok "$name"; else fail "$name" "$why: $(head -c 600 "$tmp/err")"; fi
-}
-# has_all FILE STRING...: every string occurs in FILE.
-has_all() {
-    local file=$1 s
-    shift
-    for s in "$@"; do
-        grep -qF -- "$s" "$file" || return 1
-    done
-}
+RUN_TIMEOUT=60
+source "$(dirname "${BASH_SOURCE[0]}")/lib_cli.sh"
 # py CODE ARGS...: Python with numpy as np, json, struct, sys imported.
 py() {
     local code=$1
