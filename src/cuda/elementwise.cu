@@ -497,6 +497,18 @@ NSA_CUDA_OP(compress_forward, float *xc, const float *x, const float *W, int B, 
 }
 
 // The compressed tokens j whose span [j*r, j*r + l) holds position s: j in [lo, hi].
+// (b, s, g, c) of flat index e of a [B, T, G, d] array.
+__device__ __forceinline__ void unravel_btgd(size_t e, int T, int G, int d, int *b, int *s, int *g,
+                                             int *c)
+{
+    *c = (int)(e % d);
+    size_t rest = e / d;
+    *g = (int)(rest % G);
+    rest /= G;
+    *s = (int)(rest % T);
+    *b = (int)(rest / T);
+}
+
 __device__ __forceinline__ void covering_tokens(int s, int l, int r, int Tc, int *lo, int *hi)
 {
     int a = s - l + 1;
@@ -513,12 +525,8 @@ __global__ void compress_backward_dx_kernel(float *dx, const float *dxc, const f
     float inv_l = 1.0f / (float)l;
     for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n;
          e += (size_t)gridDim.x * blockDim.x) {
-        int c = (int)(e % d);
-        size_t rest = e / d;
-        int g = (int)(rest % G);
-        rest /= G;
-        int s = (int)(rest % T);
-        int b = (int)(rest / T);
+        int b, s, g, c;
+        unravel_btgd(e, T, G, d, &b, &s, &g, &c);
         int lo, hi;
         covering_tokens(s, l, r, Tc, &lo, &hi);
         float acc = 0.0f;
@@ -606,12 +614,8 @@ __global__ void compress_gather_backward_kernel(float *dx, const float *dX, int 
     size_t n = (size_t)B * T * G * d, ld = (size_t)l * d;
     for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n;
          e += (size_t)gridDim.x * blockDim.x) {
-        int c = (int)(e % d);
-        size_t rest = e / d;
-        int g = (int)(rest % G);
-        rest /= G;
-        int s = (int)(rest % T);
-        int b = (int)(rest / T);
+        int b, s, g, c;
+        unravel_btgd(e, T, G, d, &b, &s, &g, &c);
         int lo, hi;
         covering_tokens(s, l, r, Tc, &lo, &hi);
         float acc = 0.0f;
