@@ -96,12 +96,12 @@ __device__ __forceinline__ void load_a_frags(uint32_t (&af)[DP / 16][4], const b
 }
 
 // s[nt] (16 rows x 64 keys) = A (16 x DP, fragments) B^T, B a padded 64-row tile.
-template <int DP>
-__device__ __forceinline__ void mma_rows_keys(float (&s)[8][4], const uint32_t (&af)[DP / 16][4],
+template <int DP, int KT = NB>
+__device__ __forceinline__ void mma_rows_keys(float (&s)[KT / 8][4], const uint32_t (&af)[DP / 16][4],
                                               const bf16 *Bt, int lane)
 {
 #pragma unroll
-    for (int nt = 0; nt < 8; nt++)
+    for (int nt = 0; nt < KT / 8; nt++)
 #pragma unroll
         for (int e = 0; e < 4; e++)
             s[nt][e] = 0.0f;
@@ -109,7 +109,7 @@ __device__ __forceinline__ void mma_rows_keys(float (&s)[8][4], const uint32_t (
 #pragma unroll
     for (int ks = 0; ks < DP / 16; ks++)
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
+        for (int j = 0; j < KT / 16; j++) {
             uint32_t b[4];
             ldmatrix_x4(b, Bt + (16 * j + (mi / 2) * 8 + r) * mcfg<DP>::LD + ks * 16 + (mi % 2) * 8);
             mma_bf16(s[2 * j], af[ks], b[0], b[1]);
@@ -118,13 +118,13 @@ __device__ __forceinline__ void mma_rows_keys(float (&s)[8][4], const uint32_t (
 }
 
 // o[nt] (16 rows x DP) += P (16 x 64 keys, C fragments) V, V a padded 64-row tile.
-template <int DP>
-__device__ __forceinline__ void mma_p_v(float (&o)[DP / 8][4], const float (&p)[8][4],
+template <int DP, int KT = NB>
+__device__ __forceinline__ void mma_p_v(float (&o)[DP / 8][4], const float (&p)[KT / 8][4],
                                         const bf16 *Vt, int lane)
 {
     int mi = lane / 8, r = lane % 8;
 #pragma unroll
-    for (int j = 0; j < 4; j++) {
+    for (int j = 0; j < KT / 16; j++) {
         uint32_t a[4];
         c_to_a(a, p[2 * j], p[2 * j + 1]);
 #pragma unroll
@@ -204,14 +204,14 @@ __device__ __forceinline__ void stream_chunks(bf16 *Ks, bf16 *Vs, const bf16 *K,
 // The online-softmax update of a warp's rows g and g + 8 for one chunk of scores s (C
 // fragments; m in log2 units): masks by ok(i, kk), scales by sl2, turns s into the
 // probabilities (relative to the new max) and rescales l and o.
-template <int DP, class Ok>
-__device__ __forceinline__ void softmax_update(float (&s)[8][4], float (&m)[2], float (&l)[2],
+template <int DP, int KT = NB, class Ok>
+__device__ __forceinline__ void softmax_update(float (&s)[KT / 8][4], float (&m)[2], float (&l)[2],
                                                float (&o)[DP / 8][4], float sl2, int lane, Ok ok)
 {
     int c = lane % 4;
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int nt = 0; nt < 8; nt++)
+    for (int nt = 0; nt < KT / 8; nt++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             int i = e / 2, kk = nt * 8 + 2 * c + (e & 1);
@@ -226,7 +226,7 @@ __device__ __forceinline__ void softmax_update(float (&s)[8][4], float (&m)[2], 
         float base = m_new == -INFINITY ? 0.0f : m_new;
         float rs = 0.0f;
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
+        for (int nt = 0; nt < KT / 8; nt++) {
             float p0 = exp2f(s[nt][2 * i] - base), p1 = exp2f(s[nt][2 * i + 1] - base);
             s[nt][2 * i] = p0;
             s[nt][2 * i + 1] = p1;
@@ -242,17 +242,17 @@ __device__ __forceinline__ void softmax_update(float (&s)[8][4], float (&m)[2], 
     }
 }
 
-// One key chunk of the forward for a warp's 16 rows with Q in registers (qf): scores, mask
+// One chunk of KT keys of the forward for a warp's 16 rows with Q in registers (qf): scores, mask
 // ok(i, kk), online softmax, O += P V.
-template <int DP, class Ok>
+template <int DP, int KT = NB, class Ok>
 __device__ __forceinline__ void fwd_step_rq(float (&m)[2], float (&l)[2], float (&o)[DP / 8][4],
                                             const uint32_t (&qf)[DP / 16][4], const bf16 *Kt,
                                             const bf16 *Vt, float sl2, int lane, Ok ok)
 {
-    float s[8][4];
-    mma_rows_keys<DP>(s, qf, Kt, lane);
-    softmax_update<DP>(s, m, l, o, sl2, lane, ok);
-    mma_p_v<DP>(o, s, Vt, lane);
+    float s[KT / 8][4];
+    mma_rows_keys<DP, KT>(s, qf, Kt, lane);
+    softmax_update<DP, KT>(s, m, l, o, sl2, lane, ok);
+    mma_p_v<DP, KT>(o, s, Vt, lane);
 }
 
 // ---- forward step over MT m-tiles per warp (rows a_row0 .. a_row0 + 16 MT - 1 of a padded

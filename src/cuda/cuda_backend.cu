@@ -338,6 +338,8 @@ extern "C" nsa_status nsa__cuda_backend_init(nsa_context *ctx, int num_threads)
         // A tuning switch: NSA_CUDA_BF16_MT=1 runs the bf16 forward with 16 rows per warp.
         const char *mt = getenv("NSA_CUDA_BF16_MT");
         s->bf16_mt = mt && strcmp(mt, "1") == 0 ? 1 : 2;
+        const char *slc = getenv("NSA_CUDA_BF16_SLC");
+        s->bf16_slc_union = slc && strcmp(slc, "union") == 0;
     }
     if (st != NSA_OK) {
         cuda_destroy(ctx);

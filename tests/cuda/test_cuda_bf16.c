@@ -211,7 +211,8 @@ static void test_bf16_attention(void)
         bf16_case(&cases[i]);
 }
 
-// The forward kernels with 16 rows per warp (NSA_CUDA_BF16_MT=1) instead of 32.
+// The other kernel variants: 16 rows per warp (NSA_CUDA_BF16_MT=1) instead of 32, and the
+// selected path by union tiles where H/G is a multiple of 16 (NSA_CUDA_BF16_SLC=union).
 static void test_bf16_attention_mt1(void)
 {
     nsa_context *keep = gpu;
@@ -357,8 +358,10 @@ int main(int argc, char **argv)
         return 1;
     }
     setenv("NSA_CUDA_BF16_MT", "1", 1);
+    setenv("NSA_CUDA_BF16_SLC", "union", 1);
     nsa_status st = nsa_context_create(&gpu_mt1, NSA_DEVICE_CUDA, 0);
     unsetenv("NSA_CUDA_BF16_MT");
+    unsetenv("NSA_CUDA_BF16_SLC");
     if (st != NSA_OK) {
         printf("FAIL context creation: %s\n", nsa_last_error());
         printf("RESULT 0 1\n");
