@@ -427,62 +427,25 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 // warp whose position chose the chunk in flight; here every warp always works (each block
 // is loaded once per 16 heads, the paper's kernel).
 
-#define SLCW_KEYS 32
-#define SLCW_WARPS 2
-
-template <int DP> static size_t slcw_smem_bytes()
-{
-    return (size_t)SLCW_WARPS * 2 * 2 * SLCW_KEYS * mcfg<DP>::LD * sizeof(bf16);
-}
-
 template <int DP>
 __global__ void __launch_bounds__(32 * SLCW_WARPS, 3)
     bf16_slc_warp_kernel(float *out, float *o_slc, float *lse3, const float *o_cmp,
                          const float *o_win, const bf16 *q, const bf16 *k, const bf16 *v,
                          const float *gates, const int32_t *idx, attn_shape s)
 {
-    const int LD = mcfg<DP>::LD, CH = DP / 8;
+    const int LD = mcfg<DP>::LD;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
-    bf16 *Kw = (bf16 *)smem_raw + (size_t)warp * 4 * SLCW_KEYS * LD; // K stages 0, 1; V 2, 3
-    int per_pos = s.hpg / 16, g = blockIdx.y, b = blockIdx.z;
-    long long unit = (long long)blockIdx.x * SLCW_WARPS + warp;
-    int tq = (int)(unit / per_pos), hc = (int)(unit % per_pos);
-    if (tq >= s.Tq)
+    bf16 *Kw = (bf16 *)smem_raw + (size_t)warp * 4 * SLCW_KEYS * LD;
+    warp_unit u;
+    if (!warp_unit_of(u, s, warp))
         return; // no barrier below spans warps
-    int t = s.q_start + tq;
-    size_t row0 = ((size_t)b * s.Tq + tq) * s.H + (size_t)g * s.hpg + (size_t)hc * 16;
-    // Q fragments straight from global memory (zero past d)
+    size_t row0 = u.row0;
     uint32_t qf[DP / 16][4];
-#pragma unroll
-    for (int ks = 0; ks < DP / 16; ks++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            int r = gq + 8 * (e & 1), col = ks * 16 + 2 * c4 + 8 * (e >> 1);
-            qf[ks][e] = col < s.d ? *reinterpret_cast<const uint32_t *>(q + (row0 + r) * s.d + col)
-                                  : 0u;
-        }
-    const int32_t *sel = idx + (((size_t)b * s.Tq + tq) * s.G + g) * s.n;
-    int subs = (s.b + SLCW_KEYS - 1) / SLCW_KEYS;
+    global_a_frags<DP>(qf, q, row0, s.d, lane);
+    int g = blockIdx.y, b = blockIdx.z;
+    const int32_t *sel = idx + (((size_t)b * s.Tq + u.tq) * s.G + g) * s.n;
     size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.T * stride + (size_t)g * s.d;
-    // chunk i: slot i / subs of the selection, keys key0 .. key0 + cnt - 1 (cnt <= 0: skip)
-    auto chunk = [&](int i, int &key0, int &cnt) {
-        int blk = sel[i / subs];
-        key0 = blk * s.b + (i % subs) * SLCW_KEYS;
-        cnt = blk < 0 ? 0 : min(SLCW_KEYS, min(blk * s.b + s.b, t + 1) - key0);
-    };
-    auto issue = [&](int i) {
-        int key0, cnt;
-        chunk(i, key0, cnt);
-        bf16 *Kd = Kw + (i & 1) * SLCW_KEYS * LD, *Vd = Kw + (2 + (i & 1)) * SLCW_KEYS * LD;
-        for (int e = lane; e < SLCW_KEYS * CH; e += 32) {
-            int kk = e / CH, c = (e % CH) * 8;
-            bool ok = kk < cnt && c < s.d;
-            size_t at = base + (size_t)(key0 + kk) * stride + c;
-            cp_async16(Kd + kk * LD + c, ok ? k + at : k, ok ? 16 : 0);
-            cp_async16(Vd + kk * LD + c, ok ? v + at : v, ok ? 16 : 0);
-        }
-    };
     const float sl2 = s.scale * LOG2E;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[DP / 8][4];
 #pragma unroll
@@ -490,24 +453,11 @@ __global__ void __launch_bounds__(32 * SLCW_WARPS, 3)
 #pragma unroll
         for (int e = 0; e < 4; e++)
             o[nt][e] = 0.0f;
-    int nch = s.n * subs;
-    issue(0);
-    cp_async_commit();
-    for (int i = 0; i < nch; i++) {
-        if (i + 1 < nch)
-            issue(i + 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncwarp();
-        int key0, cnt;
-        chunk(i, key0, cnt);
-        if (cnt > 0)
-            fwd_step_rq<DP, SLCW_KEYS>(m, l, o, qf, Kw + (i & 1) * SLCW_KEYS * LD,
-                                       Kw + (2 + (i & 1)) * SLCW_KEYS * LD, sl2, lane,
-                                       [&](int, int kk) { return kk < cnt; });
-        __syncwarp();
-    }
-    cp_async_wait<0>();
+    warp_stream_blocks<DP>(Kw, k, v, base, stride, s.d, sel, s.n, s.b, u.t, lane,
+                           [&](const bf16 *Kt, const bf16 *Vt, int cnt) {
+                               fwd_step_rq<DP, SLCW_KEYS>(m, l, o, qf, Kt, Vt, sl2, lane,
+                                                          [&](int, int kk) { return kk < cnt; });
+                           });
 #pragma unroll
     for (int ii = 0; ii < 2; ii++) {
         size_t row = row0 + gq + 8 * ii;

@@ -255,6 +255,98 @@ __device__ __forceinline__ void fwd_step_rq(float (&m)[2], float (&l)[2], float 
     mma_p_v<DP, KT>(o, s, Vt, lane);
 }
 
+// ---- one warp streaming one position's selected blocks
+
+#define SLCW_KEYS 32 // keys per chunk of the warp-per-position selected kernels
+#define SLCW_WARPS 2 // warps per thread block of those kernels
+
+// Shared memory of a warp: two stages of SLCW_KEYS rows of K and of V.
+template <int DP> static inline size_t slcw_smem_bytes()
+{
+    return (size_t)SLCW_WARPS * 2 * 2 * SLCW_KEYS * mcfg<DP>::LD * sizeof(bf16);
+}
+
+// The selected blocks sel[n] (any order, -1 for none) of position t, keys of each block up
+// to t, SLCW_KEYS at a time through the warp's stages Kw (K stages 0, 1; V 2, 3) by cp.async,
+// no barrier beyond the warp: body(Kt, Vt, cnt) for every chunk of cnt > 0 keys.
+template <int DP, class Body>
+__device__ __forceinline__ void warp_stream_blocks(bf16 *Kw, const bf16 *K, const bf16 *V,
+                                                   size_t base, size_t stride, int d,
+                                                   const int32_t *sel, int n, int bsize, int t,
+                                                   int lane, Body body)
+{
+    const int LD = mcfg<DP>::LD, CH = DP / 8;
+    int subs = (bsize + SLCW_KEYS - 1) / SLCW_KEYS;
+    auto chunk = [&](int i, int &key0, int &cnt) {
+        int blk = sel[i / subs];
+        key0 = blk * bsize + (i % subs) * SLCW_KEYS;
+        cnt = blk < 0 ? 0 : min(SLCW_KEYS, min(blk * bsize + bsize, t + 1) - key0);
+    };
+    auto issue = [&](int i) {
+        int key0, cnt;
+        chunk(i, key0, cnt);
+        bf16 *Kd = Kw + (i & 1) * SLCW_KEYS * LD, *Vd = Kw + (2 + (i & 1)) * SLCW_KEYS * LD;
+        for (int e = lane; e < SLCW_KEYS * CH; e += 32) {
+            int kk = e / CH, c = (e % CH) * 8;
+            bool ok = kk < cnt && c < d;
+            size_t at = base + (size_t)(key0 + kk) * stride + c;
+            cp_async16(Kd + kk * LD + c, ok ? K + at : K, ok ? 16 : 0);
+            cp_async16(Vd + kk * LD + c, ok ? V + at : V, ok ? 16 : 0);
+        }
+    };
+    int nch = n * subs;
+    issue(0);
+    cp_async_commit();
+    for (int i = 0; i < nch; i++) {
+        if (i + 1 < nch)
+            issue(i + 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncwarp();
+        int key0, cnt;
+        chunk(i, key0, cnt);
+        if (cnt > 0)
+            body(Kw + (i & 1) * SLCW_KEYS * LD, Kw + (2 + (i & 1)) * SLCW_KEYS * LD, cnt);
+        __syncwarp();
+    }
+    cp_async_wait<0>();
+}
+
+// The 16 query rows of a warp of the warp-per-position kernels: position tq, its first row.
+struct warp_unit {
+    int tq, t;
+    size_t row0;
+};
+
+static __device__ __forceinline__ bool warp_unit_of(warp_unit &u, const attn_shape &s, int warp)
+{
+    int per_pos = s.hpg / 16;
+    long long unit = (long long)blockIdx.x * SLCW_WARPS + warp;
+    u.tq = (int)(unit / per_pos);
+    if (u.tq >= s.Tq)
+        return false;
+    u.t = s.q_start + u.tq;
+    u.row0 = ((size_t)blockIdx.z * s.Tq + u.tq) * s.H + (size_t)blockIdx.y * s.hpg +
+             (size_t)(unit % per_pos) * 16;
+    return true;
+}
+
+// A fragments of 16 rows row0 .. of X [rows, d] straight from global memory (zero past d).
+template <int DP>
+__device__ __forceinline__ void global_a_frags(uint32_t (&af)[DP / 16][4], const bf16 *X,
+                                               size_t row0, int d, int lane)
+{
+    int gq = lane / 4, c4 = lane % 4;
+#pragma unroll
+    for (int ks = 0; ks < DP / 16; ks++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int r = gq + 8 * (e & 1), col = ks * 16 + 2 * c4 + 8 * (e >> 1);
+            af[ks][e] = col < d ? *reinterpret_cast<const uint32_t *>(X + (row0 + r) * d + col)
+                                : 0u;
+        }
+}
+
 // ---- forward step over MT m-tiles per warp (rows a_row0 .. a_row0 + 16 MT - 1 of a padded
 // Q tile in shared memory): each K and V fragment loaded serves MT row tiles.
 

@@ -62,33 +62,33 @@ struct path_rows {
     float lse2[2], gate[2], D[2];
 };
 
-// One key chunk of dq: mask ok(i, kk).
-template <int DP, class Ok>
+// One chunk of KT keys of dq: mask ok(i, kk).
+template <int DP, int KT = NB, class Ok>
 __device__ __forceinline__ void dq_step(float (&dq)[DP / 8][4], const uint32_t (&qf)[DP / 16][4],
                                         const uint32_t (&of)[DP / 16][4], const bf16 *Kt,
                                         const bf16 *Vt, const path_rows &pr, float sl2, int lane,
                                         Ok ok)
 {
-    float sc[8][4], dp[8][4];
-    mma_rows_keys<DP>(sc, qf, Kt, lane);
-    mma_rows_keys<DP>(dp, of, Vt, lane);
+    float sc[KT / 8][4], dp[KT / 8][4];
+    mma_rows_keys<DP, KT>(sc, qf, Kt, lane);
+    mma_rows_keys<DP, KT>(dp, of, Vt, lane);
     int c = lane % 4;
 #pragma unroll
-    for (int nt = 0; nt < 8; nt++)
+    for (int nt = 0; nt < KT / 8; nt++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             int i = e / 2, kk = nt * 8 + 2 * c + (e & 1);
             float p = ok(i, kk) ? exp2f(sc[nt][e] * sl2 - pr.lse2[i]) : 0.0f;
             sc[nt][e] = p * (pr.gate[i] * dp[nt][e] - pr.D[i]);
         }
-    mma_p_v<DP>(dq, sc, Kt, lane); // dQ += dS K: K's rows play V's part
+    mma_p_v<DP, KT>(dq, sc, Kt, lane); // dQ += dS K: K's rows play V's part
 }
 
 template <int DP>
 __global__ void __launch_bounds__(MMA_THREADS, 2)
     bf16_bwd_dq_kernel(float *dq, const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *kc,
                        const bf16 *vc, const bf16 *dO16, const float *gates, const float *lse3,
-                       const float *Dp, const int32_t *idx, attn_shape s)
+                       const float *Dp, const int32_t *idx, int do_slc, attn_shape s)
 {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int LD = mcfg<DP>::LD;
@@ -175,9 +175,9 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
                 });
             });
     }
-    // selected: the union of the tile's blocks
-    build_union(sidx, ulist, nunion, bitmap, idx, s, b, g, t_first, t_last);
-    {
+    // selected: the union of the tile's blocks (unless bf16_bwd_dq_slc_warp adds them)
+    if (do_slc) {
+        build_union(sidx, ulist, nunion, bitmap, idx, s, b, g, t_first, t_last);
         int subs = (s.b + NB - 1) / NB;
         int pl[2];
         bool member[2] = {false, false};
@@ -212,6 +212,65 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
             acc[nt][e] *= s.scale;
     store_frag_rows<DP>(dq, tr->t, tr->row, acc, warp * 16, lane, s.d);
     (void)c4;
+}
+
+// dq of the selected path when H/G is a multiple of 16, added (+=) to what bf16_bwd_dq wrote:
+// a warp per (position, 16 heads) streams that position's own blocks (attention_bf16.cu's
+// bf16_slc_warp_kernel, backward), no barrier across warps.
+template <int DP>
+__global__ void __launch_bounds__(32 * SLCW_WARPS, 3)
+    bf16_bwd_dq_slc_warp_kernel(float *dq, const bf16 *q, const bf16 *k, const bf16 *v,
+                                const bf16 *dO16, const float *gates, const float *lse3,
+                                const float *Dp, const int32_t *idx, attn_shape s)
+{
+    const int LD = mcfg<DP>::LD;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
+    bf16 *Kw = (bf16 *)smem_raw + (size_t)warp * 4 * SLCW_KEYS * LD;
+    warp_unit u;
+    if (!warp_unit_of(u, s, warp))
+        return;
+    uint32_t qf[DP / 16][4], of[DP / 16][4];
+    global_a_frags<DP>(qf, q, u.row0, s.d, lane);
+    global_a_frags<DP>(of, dO16, u.row0, s.d, lane);
+    path_rows pr;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        size_t row = u.row0 + gq + 8 * i;
+        float l = lse3[row * 3 + PATH_SLC];
+        pr.lse2[i] = l == -INFINITY ? 0.0f : l * LOG2E;
+        pr.gate[i] = gates[row * 3 + PATH_SLC];
+        pr.D[i] = Dp[row * 3 + PATH_SLC];
+    }
+    int g = blockIdx.y, b = blockIdx.z;
+    const int32_t *sel = idx + (((size_t)b * s.Tq + u.tq) * s.G + g) * s.n;
+    size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.T * stride + (size_t)g * s.d;
+    const float sl2 = s.scale * LOG2E;
+    float acc[DP / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < DP / 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            acc[nt][e] = 0.0f;
+    warp_stream_blocks<DP>(Kw, k, v, base, stride, s.d, sel, s.n, s.b, u.t, lane,
+                           [&](const bf16 *Kt, const bf16 *Vt, int cnt) {
+                               dq_step<DP, SLCW_KEYS>(acc, qf, of, Kt, Vt, pr, sl2, lane,
+                                                      [&](int, int kk) { return kk < cnt; });
+                           });
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        float *row = dq + (u.row0 + gq + 8 * i) * s.d;
+#pragma unroll
+        for (int nt = 0; nt < DP / 8; nt++) {
+            int col = nt * 8 + 2 * c4;
+            if (col >= s.d)
+                continue;
+            float2 x = *reinterpret_cast<float2 *>(row + col);
+            x.x += acc[nt][2 * i] * s.scale;
+            x.y += acc[nt][2 * i + 1] * s.scale;
+            *reinterpret_cast<float2 *>(row + col) = x;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -372,9 +431,19 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
     long long tiles = ((long long)s.T * s.hpg + MB - 1) / MB;
     size_t bytes = dq_smem_bytes<DP>(s);
     NSA_TRY(allow_smem(ctx, bf16_bwd_dq_kernel<DP>, bytes));
+    int warp_slc = s.hpg % 16 == 0 && !nsa__cuda(ctx)->bf16_slc_union;
     bf16_bwd_dq_kernel<DP><<<dim3((unsigned)tiles, s.G, s.B), MMA_THREADS, bytes, st>>>(
-        dq, q, k, v, kc, vc, dO16, gates, lse, Dp, idx, s);
+        dq, q, k, v, kc, vc, dO16, gates, lse, Dp, idx, !warp_slc, s);
     NSA_CUDA_LAUNCHED("bf16_bwd_dq_kernel");
+    if (warp_slc) {
+        size_t wbytes = slcw_smem_bytes<DP>();
+        long long units = (long long)s.T * (s.hpg / 16);
+        NSA_TRY(allow_smem(ctx, bf16_bwd_dq_slc_warp_kernel<DP>, wbytes));
+        dim3 wgrid((unsigned)((units + SLCW_WARPS - 1) / SLCW_WARPS), s.G, s.B);
+        bf16_bwd_dq_slc_warp_kernel<DP><<<wgrid, 32 * SLCW_WARPS, wbytes, st>>>(
+            dq, q, k, v, dO16, gates, lse, Dp, idx, s);
+        NSA_CUDA_LAUNCHED("bf16_bwd_dq_slc_warp_kernel");
+    }
 
     size_t kv_bytes = dkv_smem_bytes<DP>();
     NSA_TRY(allow_smem(ctx, bf16_bwd_dkv_kernel<DP, PATH_WIN>, kv_bytes));
