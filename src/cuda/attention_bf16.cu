@@ -129,17 +129,18 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 template <int DP> static size_t score_smem_bytes(const attn_shape &s)
 {
     int QT = MB / s.hpg, slots = QT > 4 ? QT : 4;
-    return 3 * mcfg<DP>::TILE + sizeof(mrows<MB>) + (size_t)QT * s.nb * sizeof(float) +
+    return 2 * mcfg<DP>::TILE + sizeof(mrows<MB>) + (size_t)QT * s.nb * sizeof(float) +
            4 * (size_t)s.n * sizeof(int) + (size_t)slots * NB * sizeof(float);
 }
 
 template <int DP>
-__global__ void __launch_bounds__(MMA_THREADS, 3)
+__global__ void __launch_bounds__(MMA_THREADS, 4)
     bf16_score_kernel(int32_t *idx, const float *lse3, const bf16 *q, const bf16 *kc, attn_shape s)
 {
     const int LD = mcfg<DP>::LD;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16 *Qs = (bf16 *)smem_raw, *Ks = Qs + NB * LD;
+    // Q passes through the first K stage into registers
+    bf16 *Qs = (bf16 *)smem_raw, *Ks = Qs;
     mrows<MB> *tr = (mrows<MB> *)(Ks + 2 * NB * LD);
     int QT = MB / s.hpg;
     float *score = (float *)(tr + 1);
@@ -161,6 +162,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 3)
     __syncthreads();
     uint32_t qf[DP / 16][4];
     load_a_frags<DP>(qf, Qs, warp, lane);
+    __syncthreads(); // before the stages are refilled
     long long last_rg = min((long long)tile * MB + MB - 1, (long long)s.Tq * s.hpg - 1);
     int nc_max = visible_cmp(s, s.q_start + (int)(last_rg / s.hpg));
     int vis[2];
