@@ -320,6 +320,36 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 // masks rows that did not. Q stays in registers so three stages of K and V (two chunks in
 // flight) fit: the path is bound by loading the blocks, not by the tensor cores.
 
+// The end of the selected path for the thread's row g + 8 ii (index `row`): o normalised
+// (o_slc when kept), lse slot 1, and the gated sum out = g0 o_cmp + g1 o_slc + g2 o_win.
+template <int DP>
+__device__ __forceinline__ void slc_finish_row(size_t row, int ii, const float (&m)[2],
+                                               const float (&l)[2], const float (&o)[DP / 8][4],
+                                               int lane, float *out, float *o_slc, float *lse3,
+                                               const float *o_cmp, const float *o_win,
+                                               const float *gates, int d)
+{
+    int c4 = lane % 4;
+    float inv = l[ii] > 0.0f ? 1.0f / l[ii] : 0.0f;
+    if (lse3 && c4 == 0)
+        lse3[row * 3 + 1] = l[ii] > 0.0f ? (m[ii] + log2f(l[ii])) * LN2 : -INFINITY;
+    float g0 = gates[row * 3 + 0], g1 = gates[row * 3 + 1], g2 = gates[row * 3 + 2];
+#pragma unroll
+    for (int nt = 0; nt < DP / 8; nt++) {
+        int col = nt * 8 + 2 * c4;
+        if (col >= d)
+            continue;
+        size_t at = row * d + col;
+        float2 os = make_float2(o[nt][2 * ii] * inv, o[nt][2 * ii + 1] * inv);
+        if (o_slc)
+            *reinterpret_cast<float2 *>(o_slc + at) = os;
+        float2 oc = *reinterpret_cast<const float2 *>(o_cmp + at);
+        float2 ow = *reinterpret_cast<const float2 *>(o_win + at);
+        *reinterpret_cast<float2 *>(out + at) =
+            make_float2(g0 * oc.x + g1 * os.x + g2 * ow.x, g0 * oc.y + g1 * os.y + g2 * ow.y);
+    }
+}
+
 #define SLC_STAGES 3
 
 template <int DP> static size_t slc_smem_bytes(const attn_shape &s)
@@ -344,7 +374,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
     int *nunion = ulist + tile_positions(MB, s.hpg) * s.n;
     unsigned *bitmap = (unsigned *)(nunion + 1);
     int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4;
     mrows_init<MB>(tr, s, tile, g, b);
     __syncthreads();
     load_row_tile<DP, MB>(Ks, q, tr, s.d); // Q through the first K stage into registers
@@ -400,25 +430,8 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
         int r = warp * 16 + gq + 8 * ii;
         if (tr->t[r] < 0)
             continue;
-        size_t row = (size_t)tr->row[r];
-        float inv = l[ii] > 0.0f ? 1.0f / l[ii] : 0.0f;
-        if (lse3 && c4 == 0)
-            lse3[row * 3 + 1] = l[ii] > 0.0f ? (m[ii] + log2f(l[ii])) * LN2 : -INFINITY;
-        float g0 = gates[row * 3 + 0], g1 = gates[row * 3 + 1], g2 = gates[row * 3 + 2];
-#pragma unroll
-        for (int nt = 0; nt < DP / 8; nt++) {
-            int col = nt * 8 + 2 * c4;
-            if (col >= s.d)
-                continue;
-            size_t at = row * s.d + col;
-            float2 os = make_float2(o[nt][2 * ii] * inv, o[nt][2 * ii + 1] * inv);
-            if (o_slc)
-                *reinterpret_cast<float2 *>(o_slc + at) = os;
-            float2 oc = *reinterpret_cast<const float2 *>(o_cmp + at);
-            float2 ow = *reinterpret_cast<const float2 *>(o_win + at);
-            *reinterpret_cast<float2 *>(out + at) = make_float2(
-                g0 * oc.x + g1 * os.x + g2 * ow.x, g0 * oc.y + g1 * os.y + g2 * ow.y);
-        }
+        slc_finish_row<DP>((size_t)tr->row[r], ii, m, l, o, lane, out, o_slc, lse3, o_cmp, o_win,
+                           gates, s.d);
     }
 }
 
@@ -437,7 +450,7 @@ __global__ void __launch_bounds__(32 * SLCW_WARPS, 3)
 {
     const int LD = mcfg<DP>::LD;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4;
     bf16 *Kw = (bf16 *)smem_raw + (size_t)warp * 4 * SLCW_KEYS * LD;
     warp_unit u;
     if (!warp_unit_of(u, s, warp))
@@ -461,28 +474,11 @@ __global__ void __launch_bounds__(32 * SLCW_WARPS, 3)
                                                           [&](int, int kk) { return kk < cnt; });
                            });
 #pragma unroll
-    for (int ii = 0; ii < 2; ii++) {
-        size_t row = row0 + gq + 8 * ii;
-        float inv = l[ii] > 0.0f ? 1.0f / l[ii] : 0.0f;
-        if (lse3 && c4 == 0)
-            lse3[row * 3 + 1] = l[ii] > 0.0f ? (m[ii] + log2f(l[ii])) * LN2 : -INFINITY;
-        float g0 = gates[row * 3 + 0], g1 = gates[row * 3 + 1], g2 = gates[row * 3 + 2];
-#pragma unroll
-        for (int nt = 0; nt < DP / 8; nt++) {
-            int col = nt * 8 + 2 * c4;
-            if (col >= s.d)
-                continue;
-            size_t at = row * s.d + col;
-            float2 os = make_float2(o[nt][2 * ii] * inv, o[nt][2 * ii + 1] * inv);
-            if (o_slc)
-                *reinterpret_cast<float2 *>(o_slc + at) = os;
-            float2 oc = *reinterpret_cast<const float2 *>(o_cmp + at);
-            float2 ow = *reinterpret_cast<const float2 *>(o_win + at);
-            *reinterpret_cast<float2 *>(out + at) = make_float2(
-                g0 * oc.x + g1 * os.x + g2 * ow.x, g0 * oc.y + g1 * os.y + g2 * ow.y);
-        }
-    }
+    for (int ii = 0; ii < 2; ii++)
+        slc_finish_row<DP>(row0 + gq + 8 * ii, ii, m, l, o, lane, out, o_slc, lse3, o_cmp, o_win,
+                           gates, s.d);
 }
+
 
 // ---------------------------------------------------------------------------------------
 // The op
