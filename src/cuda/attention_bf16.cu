@@ -3,12 +3,12 @@
  * cores (mma.sync m16n8k16, fp32 accumulation): the forward kernels and the bf16 forward op.
  * The tile layout and the step are in attention_bf16.cuh.
  *
- *   bf16_cmp:    compressed path (o_cmp, lse).
+ *   bf16_range:  compressed path, and (a second instance) the sliding window: the tile's
+ *                rows attend a contiguous key range, each row masked to its own.
  *   bf16_score:  with cmp_attn, a second pass over the same compressed keys turns the
  *                probabilities (fp32, from the saved lse) into block scores and a warp per
  *                position picks the top n (scoring + top-k fused; no T x blocks score tensor
  *                in global memory).
- *   bf16_win:    sliding window (o_win, lse).
  *   bf16_slc:    the selected blocks — the union of the blocks the tile's positions chose,
  *                streamed once for all of them; a warp skips a block none of its rows chose
  *                and masks rows that did not — and the gated sum.
@@ -53,7 +53,7 @@ nsa_status nsa__cuda_f32_to_bf16(nsa_context *ctx, bf16 *dst, const float *src, 
 }
 
 // ---------------------------------------------------------------------------------------
-// Compressed path
+// Compressed path and sliding window: one kernel over a contiguous key range
 
 // Rows per thread block of the forward kernels: 64 MT, MT m-tiles of 16 rows per warp (each
 // K and V fragment loaded from shared memory serves MT row tiles; MT = 2 unless
@@ -64,10 +64,13 @@ template <int DP, int R> static size_t attn_smem_bytes()
     return (size_t)R * mcfg<DP>::LD * sizeof(bf16) + 4 * mcfg<DP>::TILE + sizeof(mrows<R>);
 }
 
-template <int DP, int MT>
+// PATH_CMP: K, V = kc, vc; row t attends compressed tokens j < visible_cmp(t).
+// PATH_WIN: K, V = k, v; row t attends keys t - w < key <= t.
+// Writes o_path and, where lse3 is given, lse slot PATH.
+template <int DP, int MT, int PATH>
 __global__ void __launch_bounds__(MMA_THREADS, 2)
-    bf16_cmp_kernel(float *o_cmp, float *lse3, const bf16 *q, const bf16 *kc, const bf16 *vc,
-                    attn_shape s)
+    bf16_range_kernel(float *o_path, float *lse3, const bf16 *q, const bf16 *K, const bf16 *V,
+                      attn_shape s)
 {
     const int R = 64 * MT, LD = mcfg<DP>::LD;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -80,42 +83,52 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
     __syncthreads();
     load_row_tile<DP, R>(Qs, q, tr, s.d);
     cp_async_commit();
-    long long last_rg = min((long long)tile * R + R - 1, (long long)s.Tq * s.hpg - 1);
-    int nc_max = visible_cmp(s, s.q_start + (int)(last_rg / s.hpg));
-    int vis[MT][2];
+    long long first_rg = (long long)tile * R;
+    long long last_rg = min(first_rg + R - 1, (long long)s.Tq * s.hpg - 1);
+    int t_first = s.q_start + (int)(first_rg / s.hpg), t_last = s.q_start + (int)(last_rg / s.hpg);
+    // per row: the number of visible compressed tokens (PATH_CMP) or the position (-1: none)
+    int lim[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
 #pragma unroll
         for (int i = 0; i < 2; i++) {
             int t = tr->t[row0 + mt * 16 + gq + 8 * i];
-            vis[mt][i] = t < 0 ? 0 : visible_cmp(s, t);
+            lim[mt][i] = PATH == PATH_CMP ? (t < 0 ? 0 : visible_cmp(s, t)) : t;
         }
-    size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.Tc * stride + (size_t)g * s.d;
+    // the tile's keys lo .. hi - 1
+    int lo = PATH == PATH_CMP ? 0 : max(0, t_first - s.w + 1);
+    int hi = PATH == PATH_CMP ? visible_cmp(s, t_last) : t_last + 1;
+    int Tk = PATH == PATH_CMP ? s.Tc : s.T;
+    size_t stride = (size_t)s.G * s.d, base = (size_t)b * Tk * stride + (size_t)g * s.d;
     const float sl2 = s.scale * LOG2E;
     fwd_acc<DP, MT> acc;
     acc.reset();
     stream_chunks<DP>(
-        Ks, Vs, kc, vc, base, stride, s.d, (nc_max + NB - 1) / NB,
+        Ks, Vs, K, V, base, stride, s.d, (hi - lo + NB - 1) / NB,
         [&](int i, int &key0, int &cnt) {
-            key0 = i * NB;
-            cnt = min(NB, nc_max - key0);
+            key0 = lo + i * NB;
+            cnt = min(NB, hi - key0);
         },
         [&](int, int key0, int, const bf16 *Kt, const bf16 *Vt) {
-            fwd_step<DP, MT>(acc, Qs, row0, Kt, Vt, sl2, lane, ~0u,
-                             [&](int mt, int ii, int kk) { return key0 + kk < vis[mt][ii]; });
+            fwd_step<DP, MT>(acc, Qs, row0, Kt, Vt, sl2, lane, [&](int mt, int ii, int kk) {
+                int key = key0 + kk;
+                if (PATH == PATH_CMP)
+                    return key < lim[mt][ii];
+                return key <= lim[mt][ii] && key > lim[mt][ii] - s.w;
+            });
         });
     cp_async_wait<0>();
     float lse[MT][2];
     acc.finish(lse);
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) {
-        store_frag_rows<DP>(o_cmp, tr->t, tr->row, acc.o[mt], row0 + mt * 16, lane, s.d);
-        if (c4 == 0)
+        store_frag_rows<DP>(o_path, tr->t, tr->row, acc.o[mt], row0 + mt * 16, lane, s.d);
+        if (lse3 && c4 == 0)
 #pragma unroll
             for (int i = 0; i < 2; i++) {
                 int r = row0 + mt * 16 + gq + 8 * i;
                 if (tr->t[r] >= 0)
-                    lse3[(size_t)tr->row[r] * 3 + 0] = lse[mt][i];
+                    lse3[(size_t)tr->row[r] * 3 + PATH] = lse[mt][i];
             }
     }
 }
@@ -254,71 +267,11 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
 }
 
 // ---------------------------------------------------------------------------------------
-// Sliding window
-
-template <int DP, int MT>
-__global__ void __launch_bounds__(MMA_THREADS, 2)
-    bf16_win_kernel(float *o_win, float *lse3, const bf16 *q, const bf16 *k, const bf16 *v,
-                    attn_shape s)
-{
-    const int R = 64 * MT, LD = mcfg<DP>::LD;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16 *Qs = (bf16 *)smem_raw, *Ks = Qs + R * LD, *Vs = Ks + 2 * NB * LD;
-    mrows<R> *tr = (mrows<R> *)(Vs + 2 * NB * LD);
-    int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
-    int row0 = warp * 16 * MT;
-    mrows_init<R>(tr, s, tile, g, b);
-    __syncthreads();
-    load_row_tile<DP, R>(Qs, q, tr, s.d);
-    cp_async_commit();
-    long long first_rg = (long long)tile * R;
-    long long last_rg = min(first_rg + R - 1, (long long)s.Tq * s.hpg - 1);
-    int t_first = s.q_start + (int)(first_rg / s.hpg), t_last = s.q_start + (int)(last_rg / s.hpg);
-    int trow[MT][2];
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int i = 0; i < 2; i++)
-            trow[mt][i] = tr->t[row0 + mt * 16 + gq + 8 * i];
-    size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.T * stride + (size_t)g * s.d;
-    const float sl2 = s.scale * LOG2E;
-    int lo = max(0, t_first - s.w + 1); // keys lo .. t_last
-    fwd_acc<DP, MT> acc;
-    acc.reset();
-    stream_chunks<DP>(
-        Ks, Vs, k, v, base, stride, s.d, (t_last - lo + NB) / NB,
-        [&](int i, int &key0, int &cnt) {
-            key0 = lo + i * NB;
-            cnt = min(NB, t_last + 1 - key0);
-        },
-        [&](int, int key0, int, const bf16 *Kt, const bf16 *Vt) {
-            fwd_step<DP, MT>(acc, Qs, row0, Kt, Vt, sl2, lane, ~0u, [&](int mt, int ii, int kk) {
-                int pos = key0 + kk;
-                return pos <= trow[mt][ii] && pos > trow[mt][ii] - s.w;
-            });
-        });
-    cp_async_wait<0>();
-    float lse[MT][2];
-    acc.finish(lse);
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++) {
-        store_frag_rows<DP>(o_win, tr->t, tr->row, acc.o[mt], row0 + mt * 16, lane, s.d);
-        if (lse3 && c4 == 0)
-#pragma unroll
-            for (int ii = 0; ii < 2; ii++) {
-                int r = row0 + mt * 16 + gq + 8 * ii;
-                if (tr->t[r] >= 0)
-                    lse3[(size_t)tr->row[r] * 3 + 2] = lse[mt][ii];
-            }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // Selected blocks and the gated sum. A tile of 64 rows streams the union of the blocks its
 // positions chose, once for all of them; a warp skips a block none of its rows chose and
 // masks rows that did not. Q stays in registers so three stages of K and V (two chunks in
-// flight) fit: the path is bound by loading the blocks, not by the tensor cores.
+// flight) fit. With H/G a multiple of 16 the warp-per-position kernel below runs instead: in
+// a union tile every warp waits at each chunk's barrier for the one whose position chose it.
 
 // The end of the selected path for the thread's row g + 8 ii (index `row`): o normalised
 // (o_slc when kept), lse slot 1, and the gated sum out = g0 o_cmp + g1 o_slc + g2 o_win.
@@ -500,9 +453,10 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
     dim3 grid((unsigned)(((long long)s.Tq * s.hpg + R - 1) / R), s.G, s.B);
     if (phase == 0) {
         size_t bytes = attn_smem_bytes<DP, R>();
-        NSA_TRY(allow_smem(ctx, bf16_cmp_kernel<DP, MT>, bytes));
-        bf16_cmp_kernel<DP, MT><<<grid, MMA_THREADS, bytes, st>>>(o_cmp, lse3, q, kc, vc, s);
-        NSA_CUDA_LAUNCHED("bf16_cmp_kernel");
+        NSA_TRY(allow_smem(ctx, bf16_range_kernel<DP, MT, PATH_CMP>, bytes));
+        bf16_range_kernel<DP, MT, PATH_CMP><<<grid, MMA_THREADS, bytes, st>>>(o_cmp, lse3, q, kc,
+                                                                               vc, s);
+        NSA_CUDA_LAUNCHED("bf16_range_kernel<compressed>");
         if (fused) {
             size_t sbytes = score_smem_bytes<DP>(s);
             NSA_TRY(allow_smem(ctx, bf16_score_kernel<DP>, sbytes));
@@ -512,9 +466,10 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
         }
     } else {
         size_t bytes = attn_smem_bytes<DP, R>();
-        NSA_TRY(allow_smem(ctx, bf16_win_kernel<DP, MT>, bytes));
-        bf16_win_kernel<DP, MT><<<grid, MMA_THREADS, bytes, st>>>(o_win, lse3, q, k, v, s);
-        NSA_CUDA_LAUNCHED("bf16_win_kernel");
+        NSA_TRY(allow_smem(ctx, bf16_range_kernel<DP, MT, PATH_WIN>, bytes));
+        bf16_range_kernel<DP, MT, PATH_WIN><<<grid, MMA_THREADS, bytes, st>>>(o_win, lse3, q, k, v,
+                                                                               s);
+        NSA_CUDA_LAUNCHED("bf16_range_kernel<window>");
         if (s.hpg % 16 == 0 && !nsa__cuda(ctx)->bf16_slc_union) {
             size_t wbytes = slcw_smem_bytes<DP>();
             long long units = (long long)s.Tq * (s.hpg / 16);

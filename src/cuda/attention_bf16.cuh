@@ -383,12 +383,12 @@ template <int DP, int MT> struct fwd_acc {
     }
 };
 
-// One key chunk: scores, mask ok(mt, i, kk), online softmax, O += P V, for the m-tiles whose
-// bit is set in `active` (warp-uniform).
+// One key chunk for the warp's MT m-tiles: scores, mask ok(mt, i, kk), online softmax,
+// O += P V.
 template <int DP, int MT, class Ok>
 __device__ __forceinline__ void fwd_step(fwd_acc<DP, MT> &acc, const bf16 *Qs, int a_row0,
                                          const bf16 *Kt, const bf16 *Vt, float sl2, int lane,
-                                         unsigned active, Ok ok)
+                                         Ok ok)
 {
     const int LD = mcfg<DP>::LD;
     int mi = lane / 8, r = lane % 8;
@@ -405,26 +405,23 @@ __device__ __forceinline__ void fwd_step(fwd_acc<DP, MT> &acc, const bf16 *Qs, i
         uint32_t a[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; mt++)
-            if (active & (1u << mt))
-                ldmatrix_x4(a[mt], Qs + (a_row0 + mt * 16 + (mi % 2) * 8 + r) * LD + ks * 16 +
-                                       (mi / 2) * 8);
+            ldmatrix_x4(a[mt], Qs + (a_row0 + mt * 16 + (mi % 2) * 8 + r) * LD + ks * 16 +
+                                   (mi / 2) * 8);
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             uint32_t b[4];
             ldmatrix_x4(b, Kt + (16 * j + (mi / 2) * 8 + r) * LD + ks * 16 + (mi % 2) * 8);
 #pragma unroll
-            for (int mt = 0; mt < MT; mt++)
-                if (active & (1u << mt)) {
-                    mma_bf16(s[mt][2 * j], a[mt], b[0], b[1]);
-                    mma_bf16(s[mt][2 * j + 1], a[mt], b[2], b[3]);
-                }
+            for (int mt = 0; mt < MT; mt++) {
+                mma_bf16(s[mt][2 * j], a[mt], b[0], b[1]);
+                mma_bf16(s[mt][2 * j + 1], a[mt], b[2], b[3]);
+            }
         }
     }
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
-        if (active & (1u << mt))
-            softmax_update<DP>(s[mt], acc.m[mt], acc.l[mt], acc.o[mt], sl2, lane,
-                               [&](int i, int kk) { return ok(mt, i, kk); });
+        softmax_update<DP>(s[mt], acc.m[mt], acc.l[mt], acc.o[mt], sl2, lane,
+                           [&](int i, int kk) { return ok(mt, i, kk); });
 #pragma unroll
     for (int j = 0; j < 4; j++) {
         uint32_t a[MT][4];
@@ -436,11 +433,10 @@ __device__ __forceinline__ void fwd_step(fwd_acc<DP, MT> &acc, const bf16 *Qs, i
             uint32_t b[4];
             ldmatrix_x4_trans(b, Vt + (16 * j + (mi % 2) * 8 + r) * LD + n2 * 16 + (mi / 2) * 8);
 #pragma unroll
-            for (int mt = 0; mt < MT; mt++)
-                if (active & (1u << mt)) {
-                    mma_bf16(acc.o[mt][2 * n2], a[mt], b[0], b[1]);
-                    mma_bf16(acc.o[mt][2 * n2 + 1], a[mt], b[2], b[3]);
-                }
+            for (int mt = 0; mt < MT; mt++) {
+                mma_bf16(acc.o[mt][2 * n2], a[mt], b[0], b[1]);
+                mma_bf16(acc.o[mt][2 * n2 + 1], a[mt], b[2], b[3]);
+            }
         }
     }
 }
