@@ -552,6 +552,31 @@ static __device__ __forceinline__ bool dkv_work_of(dkv_work &w, const attn_shape
     return w.key0 < w.key_end && w.rg_begin < w.rg_end;
 }
 
+// The grids dkv_work_of decodes, for tiles of tk keys and compressed pieces of split_rows
+// rows: window tiles x G x B; compressed pieces * tiles x G x B (launch only when Tc > 0);
+// selected: work items of split_pos positions (from nsa__cuda_sel_lists) x slc_chunks.
+struct dkv_grid {
+    dim3 win, cmp;
+    int split_rows, split_pos, slc_chunks;
+};
+
+static inline nsa_status dkv_grid_of(const attn_shape &s, int tk, int split_rows, dkv_grid *g)
+{
+    g->split_rows = split_rows;
+    g->split_pos = split_rows / s.hpg > 0 ? split_rows / s.hpg : 1;
+    g->win = dim3((unsigned)((s.T + tk - 1) / tk), s.G, s.B);
+    long long pieces = ((long long)s.T * s.hpg + split_rows - 1) / split_rows;
+    long long ctas = pieces * ((s.Tc + tk - 1) / tk);
+    if (ctas > INT32_MAX)
+        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda attention backward: sequence too long");
+    g->cmp = dim3((unsigned)ctas, s.G, s.B);
+    g->slc_chunks = (s.b + tk - 1) / tk;
+    if (g->slc_chunks > 65535)
+        return nsa__error(NSA_ERR_UNSUPPORTED,
+                          "cuda attention backward: block_size = %d: too large", s.b);
+    return NSA_OK;
+}
+
 // Selection into idx [B,Tq,G,n] when the fused scoring does not run: mean_key (kcum:
 // scratch of B*T*G*d floats) or cmp_attn (from the compressed path's lse in lse3).
 nsa_status nsa__cuda_attn_select(nsa_context *ctx, const attn_shape &s, int mean_key, int32_t *idx,

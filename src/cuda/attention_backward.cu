@@ -538,44 +538,35 @@ static nsa_status tiled_backward_dp(nsa_context *ctx, const attn_shape &s, float
         NSA_CUDA_LAUNCHED("bwd_dq_slc_pos_kernel");
     }
 
+    dkv_grid kg = {};
+    NSA_TRY(dkv_grid_of(s, TK, 64 * TR, &kg));
     // dk, dv of the window (=), one block per key tile
     size_t kv_bytes = dkv_smem<DP>::bytes();
     NSA_TRY(allow_smem(ctx, bwd_dkv_kernel<DP, PATH_WIN>, kv_bytes));
-    bwd_dkv_kernel<DP, PATH_WIN><<<dim3((s.T + TK - 1) / TK, s.G, s.B), TILE_THREADS, kv_bytes,
-                                   st>>>(dk, dv, q, k, v, gates, lse, Dp, dout, NULL, NULL, NULL,
-                                         0, s);
+    bwd_dkv_kernel<DP, PATH_WIN><<<kg.win, TILE_THREADS, kv_bytes, st>>>(
+        dk, dv, q, k, v, gates, lse, Dp, dout, NULL, NULL, NULL, 0, s);
     NSA_CUDA_LAUNCHED("bwd_dkv_kernel<window>");
 
-    // dkc, dvc: a block per (key tile, piece of SPLIT_ROWS query rows), atomics
-    const int split_rows = 64 * TR;
+    // dkc, dvc: a block per (key tile, piece of split_rows query rows), atomics
     if (s.Tc > 0) {
         size_t nkvc = (size_t)s.B * s.Tc * s.G * s.d;
         NSA_CUDA_TRY(cudaMemsetAsync(dkc, 0, nkvc * sizeof(float), st));
         NSA_CUDA_TRY(cudaMemsetAsync(dvc, 0, nkvc * sizeof(float), st));
-        long long pieces = ((long long)s.T * s.hpg + split_rows - 1) / split_rows;
-        long long ctas = pieces * ((s.Tc + TK - 1) / TK);
-        if (ctas > INT32_MAX)
-            return nsa__error(NSA_ERR_UNSUPPORTED, "cuda attention backward: sequence too long");
         NSA_TRY(allow_smem(ctx, bwd_dkv_kernel<DP, PATH_CMP>, kv_bytes));
-        bwd_dkv_kernel<DP, PATH_CMP><<<dim3((unsigned)ctas, s.G, s.B), TILE_THREADS, kv_bytes,
-                                       st>>>(dkc, dvc, q, kc, vc, gates, lse, Dp, dout, NULL, NULL,
-                                             NULL, split_rows, s);
+        bwd_dkv_kernel<DP, PATH_CMP><<<kg.cmp, TILE_THREADS, kv_bytes, st>>>(
+            dkc, dvc, q, kc, vc, gates, lse, Dp, dout, NULL, NULL, NULL, kg.split_rows, s);
         NSA_CUDA_LAUNCHED("bwd_dkv_kernel<compressed>");
     }
 
     // dk, dv of the selected blocks (+=): the inverted index, cut into work items of
     // split_pos positions, a block per (item, 64-key chunk of the block), atomics
-    int split_pos = split_rows / s.hpg > 0 ? split_rows / s.hpg : 1;
     sel_index si;
-    NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, ws, split_pos, &si));
-    int chunks = (s.b + TK - 1) / TK;
-    if (chunks > 65535)
-        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda attention backward: too many work items");
+    NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, ws, kg.split_pos, &si));
     NSA_TRY(allow_smem(ctx, bwd_dkv_kernel<DP, PATH_SLC>, kv_bytes));
-    bwd_dkv_kernel<DP, PATH_SLC><<<dim3((unsigned)si.max_items, chunks, 1), TILE_THREADS,
+    bwd_dkv_kernel<DP, PATH_SLC><<<dim3((unsigned)si.max_items, kg.slc_chunks, 1), TILE_THREADS,
                                    kv_bytes, st>>>(dk, dv, q, k, v, gates, lse, Dp, dout,
                                                    si.offsets, si.lists, si.item_start,
-                                                   split_pos, s);
+                                                   kg.split_pos, s);
     NSA_CUDA_LAUNCHED("bwd_dkv_kernel<selected>");
     return NSA_OK;
 }

@@ -445,40 +445,31 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
         NSA_CUDA_LAUNCHED("bf16_bwd_dq_slc_warp_kernel");
     }
 
+    dkv_grid kg = {};
+    NSA_TRY(dkv_grid_of(s, NB, 64 * MB, &kg));
     size_t kv_bytes = dkv_smem_bytes<DP>();
     NSA_TRY(allow_smem(ctx, bf16_bwd_dkv_kernel<DP, PATH_WIN>, kv_bytes));
-    bf16_bwd_dkv_kernel<DP, PATH_WIN><<<dim3((s.T + NB - 1) / NB, s.G, s.B), MMA_THREADS,
-                                        kv_bytes, st>>>(dk, dv, q, dO16, k, v, gates, lse, Dp,
-                                                        NULL, NULL, NULL, 0, s);
+    bf16_bwd_dkv_kernel<DP, PATH_WIN><<<kg.win, MMA_THREADS, kv_bytes, st>>>(
+        dk, dv, q, dO16, k, v, gates, lse, Dp, NULL, NULL, NULL, 0, s);
     NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<window>");
 
-    const int split_rows = 64 * MB;
-    size_t nkvc = (size_t)s.B * s.Tc * s.G * s.d;
-    NSA_CUDA_TRY(cudaMemsetAsync(dkc, 0, nkvc * sizeof(float), st));
-    NSA_CUDA_TRY(cudaMemsetAsync(dvc, 0, nkvc * sizeof(float), st));
     if (s.Tc > 0) {
-        long long pieces = ((long long)s.T * s.hpg + split_rows - 1) / split_rows;
-        long long ctas = pieces * ((s.Tc + NB - 1) / NB);
-        if (ctas > INT32_MAX)
-            return nsa__error(NSA_ERR_UNSUPPORTED, "cuda attention backward: sequence too long");
+        size_t nkvc = (size_t)s.B * s.Tc * s.G * s.d;
+        NSA_CUDA_TRY(cudaMemsetAsync(dkc, 0, nkvc * sizeof(float), st));
+        NSA_CUDA_TRY(cudaMemsetAsync(dvc, 0, nkvc * sizeof(float), st));
         NSA_TRY(allow_smem(ctx, bf16_bwd_dkv_kernel<DP, PATH_CMP>, kv_bytes));
-        bf16_bwd_dkv_kernel<DP, PATH_CMP><<<dim3((unsigned)ctas, s.G, s.B), MMA_THREADS, kv_bytes,
-                                            st>>>(dkc, dvc, q, dO16, kc, vc, gates, lse, Dp, NULL,
-                                                  NULL, NULL, split_rows, s);
+        bf16_bwd_dkv_kernel<DP, PATH_CMP><<<kg.cmp, MMA_THREADS, kv_bytes, st>>>(
+            dkc, dvc, q, dO16, kc, vc, gates, lse, Dp, NULL, NULL, NULL, kg.split_rows, s);
         NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<compressed>");
     }
 
-    int split_pos = split_rows / s.hpg > 0 ? split_rows / s.hpg : 1;
     sel_index si;
-    NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, ws, split_pos, &si));
-    int chunks = (s.b + NB - 1) / NB;
-    if (chunks > 65535)
-        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda attention backward: block_size too large");
+    NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, ws, kg.split_pos, &si));
     NSA_TRY(allow_smem(ctx, bf16_bwd_dkv_kernel<DP, PATH_SLC>, kv_bytes));
-    bf16_bwd_dkv_kernel<DP, PATH_SLC><<<dim3((unsigned)si.max_items, chunks, 1), MMA_THREADS,
-                                        kv_bytes, st>>>(dk, dv, q, dO16, k, v, gates, lse, Dp,
-                                                        si.offsets, si.lists, si.item_start,
-                                                        split_pos, s);
+    bf16_bwd_dkv_kernel<DP, PATH_SLC><<<dim3((unsigned)si.max_items, kg.slc_chunks, 1),
+                                        MMA_THREADS, kv_bytes, st>>>(
+        dk, dv, q, dO16, k, v, gates, lse, Dp, si.offsets, si.lists, si.item_start, kg.split_pos,
+        s);
     NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<selected>");
     return NSA_OK;
 }
