@@ -58,7 +58,7 @@ $(CUDA_BUILD)/nsa: $(wildcard tools/*.c tools/*.h) $(CUDA_BUILD)/libnsa.a
 	    $(CUDA_BUILD)/libnsa.a $(CUDA_LDLIBS)
 
 $(CUDA_BUILD)/test_cuda $(CUDA_BUILD)/test_cuda_bf16: $(CUDA_BUILD)/%: tests/cuda/%.c \
-        tests/cuda/cuda_util.h tests/harness.h $(CUDA_BUILD)/libnsa.a
+        tests/cuda/cuda_util.h tests/attn_case.h tests/harness.h $(CUDA_BUILD)/libnsa.a
 	$(CC) $(CPPFLAGS) -DNSA_HAVE_CUDA $(WARN) $(CFLAGS) $(OMPFLAGS) -Itests -o $@ $< \
 	    $(CUDA_BUILD)/libnsa.a $(CUDA_LDLIBS)
 

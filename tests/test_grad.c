@@ -17,6 +17,7 @@
  * cannot flip the top-k. For the whole model the reference selects by itself; its
  * smallest selection margin is printed when a check fails, to tell a flip from a bug.
  */
+#include "attn_case.h"
 #include "grad_util.h"
 
 // ----------------------------------------------------------------------------------------
@@ -531,32 +532,6 @@ static void attn64(const problem *p, double *out)
             out[i] = NAN;
 }
 
-typedef struct attn_case {
-    const char *what;
-    int B, T, H, G, d, b, w, r, l, n;
-    nsa_select_score score;
-    nsa_select_fixed fixed;
-    int given; // random block_indices instead of scoring
-} attn_case;
-
-static nsa_attention_desc attn_desc(const attn_case *c)
-{
-    nsa_attention_desc desc;
-    memset(&desc, 0, sizeof desc);
-    desc.batch = c->B;
-    desc.seq_len = c->T;
-    desc.num_heads = c->H;
-    desc.num_kv_heads = c->G;
-    desc.head_dim = c->d;
-    desc.block_size = c->b;
-    desc.window_size = c->w;
-    desc.compression_ratio = c->r;
-    desc.compression_block = c->l;
-    desc.num_selected_blocks = c->n;
-    desc.select_score = c->score;
-    desc.select_fixed = c->fixed;
-    return desc;
-}
 
 // Random valid block_indices [B,T,G,n]: per row 1..min(n, candidates) distinct candidates
 // (i*b <= t) in random slots, the other slots -1.
@@ -592,7 +567,7 @@ static void random_indices(test_rng *rng, int32_t *idx, int B, int T, int G, int
 static void check_attn_op(const attn_case *c, uint64_t seed)
 {
     dims_attn dm;
-    dm.desc = attn_desc(c);
+    dm.desc = attn_case_desc(c);
     nsa__attn_dims dims;
     nsa__attn_dims_init(&dims, &dm.desc);
     const size_t nq = (size_t)c->B * c->T * c->H * c->d, nkv = (size_t)c->B * c->T * c->G * c->d;
@@ -600,7 +575,7 @@ static void check_attn_op(const attn_case *c, uint64_t seed)
     const size_t ng = (size_t)c->B * c->T * c->H * 3, nidx = (size_t)c->B * c->T * c->G * c->n;
     CHECK(dims.num_cmp == ref_num_compressed(c->T, c->r, c->l));
     problem p;
-    problem_init(&p, c->what, seed, attn64, &dm);
+    problem_init(&p, c->name, seed, attn64, &dm);
     int iq = problem_input(&p, "q", nq, -1.5, 1.5);
     int ik = problem_input(&p, "k", nkv, -1.5, 1.5);
     int iv = problem_input(&p, "v", nkv, -1, 1);
@@ -624,7 +599,7 @@ static void check_attn_op(const attn_case *c, uint64_t seed)
     int idx_ok = 1;
     for (size_t i = 0; i < nidx; i++)
         idx_ok &= idx[i] >= -1 && idx[i] < dims.num_blocks;
-    CHECKF(idx_ok, "%s: the selection holds values outside [-1, num_blocks)", c->what);
+    CHECKF(idx_ok, "%s: the selection holds values outside [-1, num_blocks)", c->name);
     dm.idx = idx;
     if (idx_ok)
         problem_forward_check(&p, out);
@@ -686,11 +661,11 @@ static void public64(const problem *p, double *out)
 static void check_public(const attn_case *c, uint64_t seed)
 {
     dims_public dm;
-    dm.desc = attn_desc(c);
+    dm.desc = attn_case_desc(c);
     const size_t nq = (size_t)c->B * c->T * c->H * c->d, nkv = (size_t)c->B * c->T * c->G * c->d;
     const size_t ng = (size_t)c->B * c->T * c->H * 3, nidx = (size_t)c->B * c->T * c->G * c->n;
     problem p;
-    problem_init(&p, c->what, seed, public64, &dm);
+    problem_init(&p, c->name, seed, public64, &dm);
     int iq = problem_input(&p, "q", nq, -1.5, 1.5);
     int ik = problem_input(&p, "k", nkv, -1.5, 1.5);
     int iv = problem_input(&p, "v", nkv, -1, 1);

@@ -6,6 +6,7 @@
 #ifndef NSA_TEST_CUDA_UTIL_H
 #define NSA_TEST_CUDA_UTIL_H
 
+#include "attn_case.h"
 #include "backend.h"
 #include "harness.h"
 #include "nsa.h"
@@ -176,31 +177,10 @@ static inline int cmp_exact_i32(const char *what, const int32_t *got, const int3
         CHECKF(st_ == NSA_OK, "%s: %s (%s)", #expr, nsa_status_str(st_), nsa_last_error()); \
     } while (0)
 
-// An attention shape of the tests and its resolved dims.
-typedef struct att_case {
-    const char *name;
-    int B, T, H, G, d, b, w, r, l, n;
-    nsa_select_score score;
-    nsa_select_fixed fixed;
-    int given; // random block_indices replace the scoring
-} att_case;
-
-static inline void dims_of(nsa__attn_dims *dm, const att_case *c)
+// The resolved dims of a test's attention shape.
+static inline void dims_of(nsa__attn_dims *dm, const attn_case *c)
 {
-    nsa_attention_desc desc;
-    memset(&desc, 0, sizeof desc);
-    desc.batch = c->B;
-    desc.seq_len = c->T;
-    desc.num_heads = c->H;
-    desc.num_kv_heads = c->G;
-    desc.head_dim = c->d;
-    desc.block_size = c->b;
-    desc.window_size = c->w;
-    desc.compression_ratio = c->r;
-    desc.compression_block = c->l;
-    desc.num_selected_blocks = c->n;
-    desc.select_score = c->score;
-    desc.select_fixed = c->fixed;
+    nsa_attention_desc desc = attn_case_desc(c);
     nsa__attn_dims_init(dm, &desc);
 }
 

@@ -423,7 +423,7 @@ static void random_indices(int32_t *idx, int B, int T, int G, int n, int b)
     free(pool);
 }
 
-static void attention_case(const att_case *c, nsa_context *g, const char *kernels)
+static void attention_case(const attn_case *c, nsa_context *g, const char *kernels)
 {
     nsa__attn_dims dm;
     dims_of(&dm, c);
@@ -522,7 +522,7 @@ static void attention_case(const att_case *c, nsa_context *g, const char *kernel
         free(hall[i]);
 }
 
-static const att_case att_cases[] = {
+static const attn_case att_cases[] = {
     // name                   B  T    H   G  d    b   w    r   l   n  score                fixed
     {"gqa1_d64_meankey", 2, 203, 4, 4, 64, 16, 40, 8, 16, 4, NSA_SELECT_MEAN_KEY, NSA_SELECT_FIXED_NONE, 0},
     {"gqa4_d128_cmpattn_paper", 1, 301, 8, 2, 128, 32, 64, 16, 32, 5, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
@@ -552,7 +552,7 @@ static void test_attention_simple(void)
 
 // Tiny shapes for compute-sanitizer racecheck (slow): every tiled kernel of both selected-
 // path layouts (tile union: H/G = 4; per position: H/G = 16) with fused scoring.
-static const att_case race_cases[] = {
+static const attn_case race_cases[] = {
     {"race_union", 1, 60, 4, 1, 64, 8, 12, 4, 8, 3, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
     {"race_per_position", 1, 70, 16, 1, 64, 16, 16, 8, 16, 3, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
 };

@@ -80,7 +80,7 @@ static void *dput16(nsa_context *c, const uint16_t *h, size_t n)
     return dput(c, h, n * sizeof(uint16_t));
 }
 
-static void bf16_case(const att_case *c)
+static void bf16_case(const attn_case *c)
 {
     nsa__attn_dims dm;
     dims_of(&dm, c);
@@ -192,7 +192,7 @@ static void bf16_case(const att_case *c)
         free(hall[i]);
 }
 
-static const att_case cases[] = {
+static const attn_case cases[] = {
     // name                    B  T    H   G  d    b   w    r   l   n  score  fixed  given
     {"gqa16_d128_paper_shape", 1, 1100, 32, 2, 128, 64, 128, 16, 32, 6, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
     {"gqa16_d64_given", 2, 300, 16, 1, 64, 32, 64, 16, 32, 4, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_NONE, 1},
@@ -224,14 +224,14 @@ static void test_bf16_attention_mt1(void)
 
 static void test_bf16_race(void)
 {
-    static const att_case race = {"race", 1, 140, 16, 1, 64, 16, 24, 8, 16, 3, NSA_SELECT_CMP_ATTN,
+    static const attn_case race = {"race", 1, 140, 16, 1, 64, 16, 24, 8, 16, 3, NSA_SELECT_CMP_ATTN,
                                NSA_SELECT_FIXED_PAPER, 0};
     bf16_case(&race);
 }
 
 static void test_bf16_rejects(void)
 {
-    att_case c = {"odd_head_dim", 1, 40, 4, 1, 36, 8, 8, 4, 8, 2, NSA_SELECT_CMP_ATTN,
+    attn_case c = {"odd_head_dim", 1, 40, 4, 1, 36, 8, 8, 4, 8, 2, NSA_SELECT_CMP_ATTN,
                NSA_SELECT_FIXED_NONE, 0};
     nsa__attn_dims dm;
     dims_of(&dm, &c);
