@@ -223,6 +223,32 @@ static inline void nsa__vadd(float *y, const float *x, int n)
         y[i] += x[i];
 }
 
+#if NSA_AVX2
+// Stores a 4 x 8n tile (n = 1..3 vectors of 8 columns per row) from its accumulators.
+static inline void nsa__mk_store_4x24(float *c, ptrdiff_t ldc, int n, __m256 c00, __m256 c01,
+                                      __m256 c02, __m256 c10, __m256 c11, __m256 c12,
+                                      __m256 c20, __m256 c21, __m256 c22, __m256 c30,
+                                      __m256 c31, __m256 c32)
+{
+    _mm256_storeu_ps(c, c00);
+    _mm256_storeu_ps(c + ldc, c10);
+    _mm256_storeu_ps(c + 2 * ldc, c20);
+    _mm256_storeu_ps(c + 3 * ldc, c30);
+    if (n > 1) {
+        _mm256_storeu_ps(c + 8, c01);
+        _mm256_storeu_ps(c + ldc + 8, c11);
+        _mm256_storeu_ps(c + 2 * ldc + 8, c21);
+        _mm256_storeu_ps(c + 3 * ldc + 8, c31);
+    }
+    if (n > 2) {
+        _mm256_storeu_ps(c + 16, c02);
+        _mm256_storeu_ps(c + ldc + 16, c12);
+        _mm256_storeu_ps(c + 2 * ldc + 16, c22);
+        _mm256_storeu_ps(c + 3 * ldc + 16, c32);
+    }
+}
+#endif
+
 static inline float nsa__vdot(const float *a, const float *b, int n)
 {
 #if NSA_AVX2
@@ -282,22 +308,7 @@ NSA_KINLINE void nsa__mk_panels_np(const int np, int K, const float *a, ptrdiff_
         if (np > 2)
             c32 = _mm256_fmadd_ps(x, b2, c32);
     }
-    _mm256_storeu_ps(c, c00);
-    _mm256_storeu_ps(c + ldc, c10);
-    _mm256_storeu_ps(c + 2 * ldc, c20);
-    _mm256_storeu_ps(c + 3 * ldc, c30);
-    if (np > 1) {
-        _mm256_storeu_ps(c + 8, c01);
-        _mm256_storeu_ps(c + ldc + 8, c11);
-        _mm256_storeu_ps(c + 2 * ldc + 8, c21);
-        _mm256_storeu_ps(c + 3 * ldc + 8, c31);
-    }
-    if (np > 2) {
-        _mm256_storeu_ps(c + 16, c02);
-        _mm256_storeu_ps(c + ldc + 16, c12);
-        _mm256_storeu_ps(c + 2 * ldc + 16, c22);
-        _mm256_storeu_ps(c + 3 * ldc + 16, c32);
-    }
+    nsa__mk_store_4x24(c, ldc, np, c00, c01, c02, c10, c11, c12, c20, c21, c22, c30, c31, c32);
 }
 #endif
 
@@ -427,22 +438,7 @@ NSA_KINLINE void nsa__mk_rows_nv(const int nv, const nsa__seg *seg, int nseg, pt
             a3 += a_cs;
         }
     }
-    _mm256_storeu_ps(c, c00);
-    _mm256_storeu_ps(c + ldc, c10);
-    _mm256_storeu_ps(c + 2 * ldc, c20);
-    _mm256_storeu_ps(c + 3 * ldc, c30);
-    if (nv > 1) {
-        _mm256_storeu_ps(c + 8, c01);
-        _mm256_storeu_ps(c + ldc + 8, c11);
-        _mm256_storeu_ps(c + 2 * ldc + 8, c21);
-        _mm256_storeu_ps(c + 3 * ldc + 8, c31);
-    }
-    if (nv > 2) {
-        _mm256_storeu_ps(c + 16, c02);
-        _mm256_storeu_ps(c + ldc + 16, c12);
-        _mm256_storeu_ps(c + 2 * ldc + 16, c22);
-        _mm256_storeu_ps(c + 3 * ldc + 16, c32);
-    }
+    nsa__mk_store_4x24(c, ldc, nv, c00, c01, c02, c10, c11, c12, c20, c21, c22, c30, c31, c32);
 }
 #endif
 
