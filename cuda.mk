@@ -2,7 +2,8 @@
 #
 #   make cuda        build/cuda/libnsa.a (the C sources with -DNSA_HAVE_CUDA plus
 #                    src/cuda/*.cu), build/cuda/nsa, build/cuda/test_cuda,
-#                    build/cuda/test_cuda_bf16 and build/cuda/bench_attn_cuda. Needs nvcc;
+#                    build/cuda/test_cuda_bf16, build/cuda/bench_attn_cuda and
+#                    build/cuda/gpu_limits (memory rates of the GPU). Needs nvcc;
 #                    builds for sm_90 (Hopper).
 #   make cuda-check  builds and runs the two device tests when nvcc is present (they skip
 #                    cleanly without a GPU); prints a skip line otherwise.
@@ -34,7 +35,7 @@ cuda-check:
 	@echo "skip: nvcc not found, CUDA backend not built"
 else
 cuda: $(CUDA_BUILD)/libnsa.a $(CUDA_BUILD)/nsa $(CUDA_BUILD)/test_cuda $(CUDA_BUILD)/test_cuda_bf16 \
-      $(CUDA_BUILD)/bench_attn_cuda
+      $(CUDA_BUILD)/bench_attn_cuda $(CUDA_BUILD)/gpu_limits
 
 cuda-check: $(CUDA_BUILD)/test_cuda $(CUDA_BUILD)/test_cuda_bf16
 	$(CUDA_BUILD)/test_cuda
@@ -65,4 +66,8 @@ $(CUDA_BUILD)/test_cuda $(CUDA_BUILD)/test_cuda_bf16: $(CUDA_BUILD)/%: tests/cud
 $(CUDA_BUILD)/bench_attn_cuda: bench/bench_attn_cuda.c $(CUDA_BUILD)/libnsa.a
 	$(CC) $(CPPFLAGS) -DNSA_HAVE_CUDA -I$(CUDA_HOME)/include $(WARN) $(CFLAGS) $(OMPFLAGS) \
 	    -o $@ $< $(CUDA_BUILD)/libnsa.a $(CUDA_LDLIBS)
+
+$(CUDA_BUILD)/gpu_limits: bench/gpu_limits.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -o $@ $<
 endif

@@ -7,7 +7,8 @@
 #   bash bench/run_gpu.sh [all|test|train|bench]
 #   env: SEQ_LENS=8192,16384 REPS=5 NSA_DTYPE=bf16|fp32|both (the bench), TESTS=... and
 #        SANITIZE=... (which device tests run, and which run under compute-sanitizer),
-#        PROFILE=1 PROFILE_T=16384 (kernel times by ncu)
+#        PROFILE=1 PROFILE_T=16384 (kernel times by ncu), PROFILE_DETAIL=regex (ncu's
+#        throughput, occupancy and stall sections for the bf16 kernels matching regex)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -85,6 +86,20 @@ if [ "$what" = all ] || [ "$what" = train ]; then
             --steps 60 --eval-every 20 --eval-sequences 64 --no-baseline \
             --out /tmp/nsa-large-$prec.safetensors 2>&1 | grep -E "params|step 60/" || status=1
     done
+fi
+
+echo "== memory limits (build/cuda/gpu_limits)"
+build/cuda/gpu_limits || status=1
+
+if [ -n "${PROFILE_DETAIL:-}" ]; then
+    echo "== ncu sections, kernels matching ${PROFILE_DETAIL}, T=${PROFILE_T:-16384}"
+    timeout 400 ncu -k "regex:${PROFILE_DETAIL}" --launch-count "${PROFILE_COUNT:-8}" \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+        --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
+        --section SchedulerStats build/cuda/bench_attn_cuda --seq-lens "${PROFILE_T:-16384}" \
+        --reps 1 --warmup 0 >"$OUT/ncu_detail.txt" 2>"$OUT/ncu_detail.err" || true
+    grep -E "^  [a-z_0-9]+.*\(|Duration|Memory Throughput|L2 Cache Throughput|L1/TEX Cache Th|Compute \(SM\)|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Issue Slots Busy|Stall|One or More|No Eligible|Executed Ipc A|Warp Cycles Per Issued" \
+        "$OUT/ncu_detail.txt" | head -n 300
 fi
 
 if [ -n "${PROFILE:-}" ]; then

@@ -139,6 +139,19 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 // summed over each position's heads, then over the compressed tokens overlapping each block;
 // a warp per position picks the top n. No T x blocks score tensor leaves shared memory.
 
+// One step of a sum over lanes that halves what each lane keeps: lanes with `BIT` set keep
+// a[HALF .. 2 HALF) (moved to a[0 .. HALF)), the others a[0 .. HALF), each adding its
+// partner's (lane ^ BIT) copy of the half it keeps.
+template <int HALF, int BIT> static __device__ __forceinline__ void halve_sum(float *a, int lane)
+{
+    bool up = lane & BIT;
+#pragma unroll
+    for (int k = 0; k < HALF; k++) {
+        float send = up ? a[k] : a[k + HALF], keep = up ? a[k + HALF] : a[k];
+        a[k] = keep + __shfl_xor_sync(0xffffffffu, send, BIT);
+    }
+}
+
 template <int DP> static size_t score_smem_bytes(const attn_shape &s)
 {
     int QT = MB / s.hpg, slots = QT > 4 ? QT : 4;
@@ -190,6 +203,17 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
     size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.Tc * stride + (size_t)g * s.d;
     const float sl2 = s.scale * LOG2E;
     int tq0 = tile * QT;
+    // With hpg = 16 a warp is one position and all its rows see the same tokens (vis is
+    // warp-uniform). Where blocks are whole strides (b % r == 0, l % r == 0, TB = b / r
+    // tokens per block dividing NB), block j0 / TB + m of a chunk sums the chunk's tokens
+    // m TB - ov .. m TB + TB - 1 (ov = l / r - 1 earlier tokens overlap it): fixed offsets,
+    // set once here instead of per chunk.
+    int TB = s.b / s.r, ov = s.l / s.r - 1;
+    bool fast = s.hpg == 16 && s.b % s.r == 0 && s.l % s.r == 0 && NB % TB == 0;
+    int m_last = fast ? (NB - 1 + ov) / TB : 0;
+    int warp_tq = tq0 + warp, ncand = 0;
+    if (fast && warp_tq < s.Tq)
+        ncand = num_candidates(s, s.q_start + warp_tq);
     stream_chunks<DP>(
         Ks, NULL, kc, NULL, base, stride, s.d, (nc_max + NB - 1) / NB,
         [&](int i, int &key0, int &cnt) {
@@ -199,21 +223,42 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
         [&](int, int j0, int cnt, const bf16 *Kt, const bf16 *) {
             float sc[8][4];
             mma_rows_keys<DP>(sc, qf, Kt, lane);
+            if (wide) {
+                // a[2 nt + e]: token nt * 8 + 2 c4 + e summed over the thread's rows g, g + 8
+                float a[16];
+                if (j0 + NB <= vis[0]) { // the whole chunk visible (warp-uniform)
 #pragma unroll
-            for (int nt = 0; nt < 8; nt++)
+                    for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    int kk = nt * 8 + 2 * c4 + e;
-                    float p0 = j0 + kk < vis[0] ? exp2f(sc[nt][e] * sl2 - l2[0]) : 0.0f;
-                    float p1 = j0 + kk < vis[1] ? exp2f(sc[nt][2 + e] * sl2 - l2[1]) : 0.0f;
-                    if (wide) { // rows g and g + 8 of all 8 row groups
-                        p0 += p1;
-                        p0 += __shfl_xor_sync(0xffffffffu, p0, 4);
-                        p0 += __shfl_xor_sync(0xffffffffu, p0, 8);
-                        p0 += __shfl_xor_sync(0xffffffffu, p0, 16);
-                        if (gq == 0)
-                            ssum[warp * NB + kk] = p0;
-                    } else { // the hpg row groups of a position
+                        for (int e = 0; e < 2; e++)
+                            a[2 * nt + e] = ex2_approx(fmaf(sc[nt][e], sl2, -l2[0])) +
+                                            ex2_approx(fmaf(sc[nt][2 + e], sl2, -l2[1]));
+                } else {
+#pragma unroll
+                    for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            int kk = nt * 8 + 2 * c4 + e;
+                            float p0 = j0 + kk < vis[0] ? ex2_approx(fmaf(sc[nt][e], sl2, -l2[0])) : 0.0f;
+                            float p1 = j0 + kk < vis[1] ? ex2_approx(fmaf(sc[nt][2 + e], sl2, -l2[1])) : 0.0f;
+                            a[2 * nt + e] = p0 + p1;
+                        }
+                }
+                // sum over the 8 row groups, halving the values kept at each step (lane bit
+                // 4, 3, 2 keeps n-tiles bit 2, 1, 0): 14 shuffles; lane L ends with tokens
+                // 2 L, 2 L + 1 of the chunk
+                halve_sum<8, 16>(a, lane);
+                halve_sum<4, 8>(a, lane);
+                halve_sum<2, 4>(a, lane);
+                *reinterpret_cast<float2 *>(ssum + warp * NB + 2 * lane) = make_float2(a[0], a[1]);
+            } else { // the hpg row groups of a position
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        int kk = nt * 8 + 2 * c4 + e;
+                        float p0 = j0 + kk < vis[0] ? exp2f(sc[nt][e] * sl2 - l2[0]) : 0.0f;
+                        float p1 = j0 + kk < vis[1] ? exp2f(sc[nt][2 + e] * sl2 - l2[1]) : 0.0f;
                         for (int o = 4; o < 4 * s.hpg; o <<= 1) {
                             p0 += __shfl_xor_sync(0xffffffffu, p0, o);
                             p1 += __shfl_xor_sync(0xffffffffu, p1, o);
@@ -223,7 +268,23 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
                             ssum[((warp * 16 + gq + 8) / s.hpg) * NB + kk] = p1;
                         }
                     }
+            }
+            if (fast) { // the warp's position alone, offsets fixed
+                __syncwarp();
+                int blk0 = j0 / TB;
+                for (int m = lane; m <= m_last; m += 32) {
+                    int bi = blk0 + m;
+                    if (bi >= ncand)
+                        continue;
+                    int jl = max(0, m * TB - ov), jh = min(cnt - 1, m * TB + TB - 1);
+                    float sum = 0.0f;
+                    for (int jj = jl; jj <= jh; jj++)
+                        sum += ssum[warp * NB + jj];
+                    score[(size_t)warp * s.nb + bi] += sum;
                 }
+                __syncwarp();
+                return;
+            }
             // block sums: with hpg <= 16 a warp owns whole positions and sums their blocks
             // alone; wider positions span warps and wait for each other
             int j_end = j0 + cnt - 1;

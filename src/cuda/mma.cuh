@@ -82,6 +82,14 @@ static __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c0
 }
 
 // Reductions over the 4 lanes that share a fragment row.
+// 2^x by the special function unit (flushes results below 2^-126 to zero).
+static __device__ __forceinline__ float ex2_approx(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 static __device__ __forceinline__ float quad_max(float v)
 {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
