@@ -64,6 +64,13 @@ static __device__ __forceinline__ int num_candidates(const attn_shape &s, int t)
     return t / s.b + 1;
 }
 
+static __device__ __forceinline__ float warp_max(float v)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
 static __device__ __forceinline__ float warp_sum(float v)
 {
     for (int o = 16; o > 0; o >>= 1)
@@ -72,10 +79,48 @@ static __device__ __forceinline__ float warp_sum(float v)
 }
 
 // ---------------------------------------------------------------------------------------
-// Top-n selection by one warp: the CPU's select_blocks. score[0..num_cand) in shared
-// memory (destroyed); out[n] (global) = the chosen blocks ascending, -1 padded. Order:
-// higher score first, ties to the lower index; with `fixed`, block 0 and the two most
-// recent candidates are always in. tmp: n ints of shared memory for this warp.
+// Top-n selection by one warp: the CPU's select_blocks. score[0..num_cand) (destroyed);
+// out[n] (global) = the chosen blocks ascending, -1 padded. Order: higher score first, ties
+// to the lower index; with `fixed`, block 0 and the two most recent candidates are always in.
+// tmp: n ints of shared memory for this warp.
+//
+// Each lane keeps its own best SEL_R candidates (of i = lane, lane + 32, ...) in registers,
+// best first; a round takes the warp's best front by shuffles and only the owning lane pops
+// it, rescanning its candidates when its list runs out. The chosen blocks are put in
+// ascending order by their ranks, a lane each.
+
+#define SEL_R 4
+
+static __device__ __forceinline__ bool sel_better(float v, int i, float bv, int bi)
+{
+    return v > bv || (v == bv && i < bi); // NaN (taken or forced) is never better
+}
+
+static __device__ __forceinline__ void sel_scan(const float *score, int num_cand, int lane,
+                                                float (&v)[SEL_R], int (&ix)[SEL_R])
+{
+#pragma unroll
+    for (int r = 0; r < SEL_R; r++) {
+        v[r] = -INFINITY;
+        ix[r] = 0x7fffffff;
+    }
+    for (int i = lane; i < num_cand; i += 32) {
+        float cv = score[i];
+        int ci = i;
+        if (!sel_better(cv, ci, v[SEL_R - 1], ix[SEL_R - 1]))
+            continue;
+#pragma unroll
+        for (int r = 0; r < SEL_R; r++)
+            if (sel_better(cv, ci, v[r], ix[r])) {
+                float tv = v[r];
+                int ti = ix[r];
+                v[r] = cv;
+                ix[r] = ci;
+                cv = tv;
+                ci = ti;
+            }
+    }
+}
 
 static __device__ void warp_select(float *score, int num_cand, int n, int fixed, int32_t *out, int *tmp)
 {
@@ -92,50 +137,53 @@ static __device__ void warp_select(float *score, int num_cand, int n, int fixed,
         score[num_cand - 1] = NAN;
     }
     __syncwarp();
+    float v[SEL_R];
+    int ix[SEL_R], have = SEL_R;
+    sel_scan(score, num_cand, lane, v, ix);
     for (int it = 0; it < k; it++) {
-        float best = -INFINITY;
-        int best_i = 0x7fffffff;
-        for (int i = lane; i < num_cand; i += 32) {
-            float v = score[i];
-            if (v > best || (v == best && i < best_i)) {
-                best = v;
-                best_i = i;
-            }
-        }
+        float bv = v[0];
+        int bi = ix[0];
         for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, best, o);
-            int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
-            if (ov > best || (ov == best && oi < best_i)) {
-                best = ov;
-                best_i = oi;
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (sel_better(ov, oi, bv, bi)) {
+                bv = ov;
+                bi = oi;
             }
         }
-        __syncwarp(); // every lane's reads of this round before lane 0's write
-        if (lane == 0) {
-            tmp[it] = best_i;
-            score[best_i] = NAN;
+        bool found = bi < num_cand; // (always, unless the scores held NaN)
+        if (lane == 0)
+            tmp[it] = found ? bi : -1;
+        if (found && (bi & 31) == lane) { // the owner pops its front
+            score[bi] = NAN;
+#pragma unroll
+            for (int r = 0; r + 1 < SEL_R; r++) {
+                v[r] = v[r + 1];
+                ix[r] = ix[r + 1];
+            }
+            v[SEL_R - 1] = -INFINITY;
+            ix[SEL_R - 1] = 0x7fffffff;
+            if (--have == 0) {
+                sel_scan(score, num_cand, lane, v, ix);
+                have = SEL_R;
+            }
         }
-        __syncwarp();
     }
-    if (lane == 0) {
-        int len = k;
-        if (fixed) {
-            tmp[len++] = 0;
-            tmp[len++] = num_cand - 2;
-            tmp[len++] = num_cand - 1;
-        }
-        for (int i = 1; i < len; i++) { // ascending (n is small)
-            int v = tmp[i], j = i;
-            while (j > 0 && tmp[j - 1] > v) {
-                tmp[j] = tmp[j - 1];
-                j--;
-            }
-            tmp[j] = v;
-        }
+    if (fixed && lane == 0) {
+        tmp[k] = 0;
+        tmp[k + 1] = num_cand - 2;
+        tmp[k + 2] = num_cand - 1;
     }
     __syncwarp();
-    for (int i = lane; i < n; i += 32)
-        out[i] = tmp[i];
+    // ascending, -1 last: the rank of each entry among the n (distinct apart from -1s)
+    for (int j = lane; j < n; j += 32) {
+        int x = tmp[j], kx = x < 0 ? 0x7fffffff : x, rank = 0;
+        for (int i = 0; i < n; i++) {
+            int y = tmp[i], ky = y < 0 ? 0x7fffffff : y;
+            rank += ky < kx || (ky == kx && i < j);
+        }
+        out[rank] = x;
+    }
     __syncwarp();
 }
 

@@ -110,12 +110,25 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
             cnt = min(NB, hi - key0);
         },
         [&](int, int key0, int, const bf16 *Kt, const bf16 *Vt) {
-            fwd_step<DP, MT>(acc, Qs, row0, Kt, Vt, sl2, lane, [&](int mt, int ii, int kk) {
-                int key = key0 + kk;
+            auto ok = [&](int mt, int ii, int key) {
                 if (PATH == PATH_CMP)
                     return key < lim[mt][ii];
                 return key <= lim[mt][ii] && key > lim[mt][ii] - s.w;
-            });
+            };
+            // every row of the warp sees the whole chunk: no mask (most compressed chunks;
+            // the window's two-sided test keeps its mask: unmasked copies spill there)
+            bool full = PATH == PATH_CMP;
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int ii = 0; ii < 2; ii++)
+                    full = full && ok(mt, ii, key0) && ok(mt, ii, key0 + NB - 1);
+            if (PATH == PATH_CMP && __all_sync(0xffffffffu, full))
+                fwd_step<DP, MT>(acc, Qs, row0, Kt, Vt, sl2, lane,
+                                 [](int, int, int) { return true; });
+            else
+                fwd_step<DP, MT>(acc, Qs, row0, Kt, Vt, sl2, lane,
+                                 [&](int mt, int ii, int kk) { return ok(mt, ii, key0 + kk); });
         });
     cp_async_wait<0>();
     float lse[MT][2];
@@ -203,17 +216,18 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
     size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.Tc * stride + (size_t)g * s.d;
     const float sl2 = s.scale * LOG2E;
     int tq0 = tile * QT;
-    // With hpg = 16 a warp is one position and all its rows see the same tokens (vis is
-    // warp-uniform). Where blocks are whole strides (b % r == 0, l % r == 0, TB = b / r
-    // tokens per block dividing NB), block j0 / TB + m of a chunk sums the chunk's tokens
-    // m TB - ov .. m TB + TB - 1 (ov = l / r - 1 earlier tokens overlap it): fixed offsets,
-    // set once here instead of per chunk.
+    // With hpg <= 16 a warp owns 16 / hpg whole positions. Where blocks are whole strides
+    // (b % r == 0, l % r == 0, TB = b / r tokens per block dividing NB), block j0 / TB + m
+    // of a chunk sums the chunk's tokens m TB - ov .. m TB + TB - 1 (ov = l / r - 1 earlier
+    // tokens overlap it): offsets fixed for every chunk.
     int TB = s.b / s.r, ov = s.l / s.r - 1;
-    bool fast = s.hpg == 16 && s.b % s.r == 0 && s.l % s.r == 0 && NB % TB == 0;
-    int m_last = fast ? (NB - 1 + ov) / TB : 0;
-    int warp_tq = tq0 + warp, ncand = 0;
-    if (fast && warp_tq < s.Tq)
-        ncand = num_candidates(s, s.q_start + warp_tq);
+    bool fast = s.hpg <= 16 && s.b % s.r == 0 && s.l % s.r == 0 && NB % TB == 0;
+    int n_m = fast ? (NB - 1 + ov) / TB + 1 : 0; // blocks a chunk touches
+    int p_per_warp = s.hpg <= 16 ? 16 / s.hpg : 1, p_first = warp * p_per_warp;
+    // lane i < p_per_warp: the candidate blocks of the warp's position i (0 past the end)
+    int tq_lane = tq0 + p_first + lane;
+    int ncand_lane = fast && lane < p_per_warp && tq_lane < s.Tq
+                         ? num_candidates(s, s.q_start + tq_lane) : 0;
     stream_chunks<DP>(
         Ks, NULL, kc, NULL, base, stride, s.d, (nc_max + NB - 1) / NB,
         [&](int i, int &key0, int &cnt) {
@@ -257,8 +271,8 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
 #pragma unroll
                     for (int e = 0; e < 2; e++) {
                         int kk = nt * 8 + 2 * c4 + e;
-                        float p0 = j0 + kk < vis[0] ? exp2f(sc[nt][e] * sl2 - l2[0]) : 0.0f;
-                        float p1 = j0 + kk < vis[1] ? exp2f(sc[nt][2 + e] * sl2 - l2[1]) : 0.0f;
+                        float p0 = j0 + kk < vis[0] ? ex2_approx(sc[nt][e] * sl2 - l2[0]) : 0.0f;
+                        float p1 = j0 + kk < vis[1] ? ex2_approx(sc[nt][2 + e] * sl2 - l2[1]) : 0.0f;
                         for (int o = 4; o < 4 * s.hpg; o <<= 1) {
                             p0 += __shfl_xor_sync(0xffffffffu, p0, o);
                             p1 += __shfl_xor_sync(0xffffffffu, p1, o);
@@ -269,18 +283,18 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
                         }
                     }
             }
-            if (fast) { // the warp's position alone, offsets fixed
+            if (fast) { // the warp's positions alone, offsets fixed
                 __syncwarp();
                 int blk0 = j0 / TB;
-                for (int m = lane; m <= m_last; m += 32) {
-                    int bi = blk0 + m;
-                    if (bi >= ncand)
-                        continue;
-                    int jl = max(0, m * TB - ov), jh = min(cnt - 1, m * TB + TB - 1);
-                    float sum = 0.0f;
-                    for (int jj = jl; jj <= jh; jj++)
-                        sum += ssum[warp * NB + jj];
-                    score[(size_t)warp * s.nb + bi] += sum;
+                for (int pi = 0; pi < p_per_warp; pi++) {
+                    int nc = __shfl_sync(0xffffffffu, ncand_lane, pi), tqi = p_first + pi;
+                    for (int m = lane; m < n_m && blk0 + m < nc; m += 32) {
+                        int jl = max(0, m * TB - ov), jh = min(cnt - 1, m * TB + TB - 1);
+                        float sum = 0.0f;
+                        for (int jj = jl; jj <= jh; jj++)
+                            sum += ssum[tqi * NB + jj];
+                        score[(size_t)tqi * s.nb + blk0 + m] += sum;
+                    }
                 }
                 __syncwarp();
                 return;
@@ -507,7 +521,7 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
                                   float *out, float *o_cmp, float *o_slc, float *o_win,
                                   float *lse3, int32_t *idx, const bf16 *q, const bf16 *k,
                                   const bf16 *v, const bf16 *kc, const bf16 *vc,
-                                  const float *gates)
+                                  const float *gates, void *kv_scratch)
 {
     cudaStream_t st = nsa__cuda_stream(ctx);
     const int R = 64 * MT;
@@ -541,6 +555,9 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
             NSA_CUDA_LAUNCHED("bf16_slc_warp_kernel");
             return NSA_OK;
         }
+        if (kv_scratch)
+            return nsa__cuda_slc_kv_forward(ctx, s, kv_scratch, out, o_slc, lse3, o_cmp, o_win,
+                                            q, k, v, gates, idx);
         size_t sbytes = slc_smem_bytes<DP>(s);
         dim3 sgrid((unsigned)(((long long)s.Tq * s.hpg + MB - 1) / MB), s.G, s.B);
         NSA_TRY(allow_smem(ctx, bf16_slc_kernel<DP>, sbytes));
@@ -556,18 +573,18 @@ static nsa_status bf16_forward_phase(nsa_context *ctx, const attn_shape &s, int 
                                      float *out, float *o_cmp, float *o_slc, float *o_win,
                                      float *lse3, int32_t *idx, const bf16 *q, const bf16 *k,
                                      const bf16 *v, const bf16 *kc, const bf16 *vc,
-                                     const float *gates)
+                                     const float *gates, void *kv)
 {
     int mt2 = nsa__cuda(ctx)->bf16_mt == 2;
     if (s.d <= 64)
         return mt2 ? bf16_forward_dp<64, 2>(ctx, s, phase, fused, out, o_cmp, o_slc, o_win, lse3,
-                                            idx, q, k, v, kc, vc, gates)
+                                            idx, q, k, v, kc, vc, gates, kv)
                    : bf16_forward_dp<64, 1>(ctx, s, phase, fused, out, o_cmp, o_slc, o_win, lse3,
-                                            idx, q, k, v, kc, vc, gates);
+                                            idx, q, k, v, kc, vc, gates, kv);
     return mt2 ? bf16_forward_dp<128, 2>(ctx, s, phase, fused, out, o_cmp, o_slc, o_win, lse3,
-                                         idx, q, k, v, kc, vc, gates)
+                                         idx, q, k, v, kc, vc, gates, kv)
                : bf16_forward_dp<128, 1>(ctx, s, phase, fused, out, o_cmp, o_slc, o_win, lse3,
-                                         idx, q, k, v, kc, vc, gates);
+                                         idx, q, k, v, kc, vc, gates, kv);
 }
 
 nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *dims,
@@ -603,11 +620,27 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
         n_keys = mean_key ? (size_t)s.B * s.T * s.G * s.d : (size_t)s.B * s.Tc * s.G * s.d;
         n_sel = rows * s.d + n_keys + (mean_key ? n_keys : 0);
     }
+    // small groups (H/G not a multiple of 16) over whole sequences: the selected path with key
+    // blocks outside (attention_bf16_slc_kv.cu) when its partials fit in half the free
+    // device memory; otherwise (and with NSA_CUDA_BF16_SLC=union) union tiles
+    size_t kv_bytes = 0;
+    if (s.hpg % 16 != 0 && s.Tq == s.T && s.q_start == 0 && !cs->bf16_slc_union) {
+        size_t free_b = 0, total_b = 0;
+        size_t want = nsa__cuda_slc_kv_scratch_bytes(s);
+        if (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess && want <= free_b / 2)
+            kv_bytes = want;
+        else
+            (void)cudaGetLastError();
+    }
+    size_t main_bytes = (n_ocmp + n_lse + n_sel) * sizeof(float);
+    main_bytes = (main_bytes + 255) / 256 * 256;
     float *scratch = NULL;
-    if (n_ocmp + n_lse + n_sel) {
+    void *kv_scratch = NULL;
+    if (main_bytes + kv_bytes) {
         void *mem;
-        NSA_TRY(nsa__cuda_scratch(ctx, (n_ocmp + n_lse + n_sel) * sizeof(float), &mem));
+        NSA_TRY(nsa__cuda_scratch(ctx, main_bytes + kv_bytes, &mem));
         scratch = (float *)mem;
+        kv_scratch = kv_bytes ? (char *)mem + main_bytes : NULL;
     }
     float *o_cmp = o_paths ? o_paths : scratch;
     float *lse3 = lse ? lse : scratch + n_ocmp;
@@ -615,7 +648,7 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
     float *o_win = o_paths ? o_paths + 2 * rows * s.d : scratch + rows * s.d;
 
     NSA_TRY(bf16_forward_phase(ctx, s, 0, fused, out, o_cmp, o_slc, o_win, lse3, idx, q, k, v,
-                               kc, vc, gates));
+                               kc, vc, gates, NULL));
     size_t n_idx = rows / s.H * s.G * s.n;
     if (!score) {
         NSA_CUDA_TRY(cudaMemcpyAsync(idx, given_idx, n_idx * sizeof(int32_t),
@@ -627,5 +660,5 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
         NSA_TRY(nsa__cuda_attn_select(ctx, s, mean_key, idx, qf, keys, keys, lse3, kcum));
     }
     return bf16_forward_phase(ctx, s, 1, fused, out, o_cmp, o_slc, o_win, lse ? lse3 : NULL, idx,
-                              q, k, v, kc, vc, gates);
+                              q, k, v, kc, vc, gates, kv_scratch);
 }

@@ -222,12 +222,12 @@ __device__ __forceinline__ void softmax_update(float (&s)[KT / 8][4], float (&m)
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         float m_new = fmaxf(m[i], quad_max(mx[i]));
-        float alpha = m_new == -INFINITY ? 1.0f : exp2f(m[i] - m_new);
+        float alpha = m_new == -INFINITY ? 1.0f : ex2_approx(m[i] - m_new);
         float base = m_new == -INFINITY ? 0.0f : m_new;
         float rs = 0.0f;
 #pragma unroll
         for (int nt = 0; nt < KT / 8; nt++) {
-            float p0 = exp2f(s[nt][2 * i] - base), p1 = exp2f(s[nt][2 * i + 1] - base);
+            float p0 = ex2_approx(s[nt][2 * i] - base), p1 = ex2_approx(s[nt][2 * i + 1] - base);
             s[nt][2 * i] = p0;
             s[nt][2 * i + 1] = p1;
             rs += p0 + p1;
@@ -534,6 +534,15 @@ static inline int bf16_supported(const attn_shape &s, const void *const *ptrs, i
             return 0;
     return 1;
 }
+
+// The selected path and the gated sum for small groups, key blocks outside
+// (attention_bf16_slc_kv.cu; training shapes: Tq = T). scratch holds
+// nsa__cuda_slc_kv_scratch_bytes(s).
+size_t nsa__cuda_slc_kv_scratch_bytes(const attn_shape &s);
+nsa_status nsa__cuda_slc_kv_forward(nsa_context *ctx, const attn_shape &s, void *scratch,
+                                    float *out, float *o_slc, float *lse3, const float *o_cmp,
+                                    const float *o_win, const bf16 *q, const bf16 *k,
+                                    const bf16 *v, const float *gates, const int32_t *idx);
 
 
 #endif // NSA_CUDA_ATTENTION_BF16_CUH

@@ -78,7 +78,7 @@ __device__ __forceinline__ void dq_step(float (&dq)[DP / 8][4], const uint32_t (
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             int i = e / 2, kk = nt * 8 + 2 * c + (e & 1);
-            float p = ok(i, kk) ? exp2f(sc[nt][e] * sl2 - pr.lse2[i]) : 0.0f;
+            float p = ok(i, kk) ? ex2_approx(sc[nt][e] * sl2 - pr.lse2[i]) : 0.0f;
             sc[nt][e] = p * (pr.gate[i] * dp[nt][e] - pr.D[i]);
         }
     mma_p_v<DP, KT>(dq, sc, Kt, lane); // dQ += dS K: K's rows play V's part
@@ -154,8 +154,12 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
                 cnt = min(NB, nc_max - key0);
             },
             [&](int, int key0, int, const bf16 *Kt, const bf16 *Vt) {
-                dq_step<DP>(acc, qf, of, Kt, Vt, pr[PATH_CMP], sl2, lane,
-                            [&](int ii, int kk) { return key0 + kk < vis[ii]; });
+                if (__all_sync(0xffffffffu, key0 + NB <= min(vis[0], vis[1])))
+                    dq_step<DP>(acc, qf, of, Kt, Vt, pr[PATH_CMP], sl2, lane,
+                                [](int, int) { return true; });
+                else
+                    dq_step<DP>(acc, qf, of, Kt, Vt, pr[PATH_CMP], sl2, lane,
+                                [&](int ii, int kk) { return key0 + kk < vis[ii]; });
             });
     }
     size_t base = (size_t)b * s.T * stride + (size_t)g * s.d;
@@ -169,10 +173,15 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
                 cnt = min(NB, t_last + 1 - key0);
             },
             [&](int, int key0, int, const bf16 *Kt, const bf16 *Vt) {
-                dq_step<DP>(acc, qf, of, Kt, Vt, pr[PATH_WIN], sl2, lane, [&](int ii, int kk) {
-                    int pos = key0 + kk;
-                    return pos <= trow[ii] && pos > trow[ii] - s.w;
-                });
+                auto ok = [&](int ii, int pos) { return pos <= trow[ii] && pos > trow[ii] - s.w; };
+                bool full = ok(0, key0) && ok(0, key0 + NB - 1) && ok(1, key0) &&
+                            ok(1, key0 + NB - 1);
+                if (__all_sync(0xffffffffu, full))
+                    dq_step<DP>(acc, qf, of, Kt, Vt, pr[PATH_WIN], sl2, lane,
+                                [](int, int) { return true; });
+                else
+                    dq_step<DP>(acc, qf, of, Kt, Vt, pr[PATH_WIN], sl2, lane,
+                                [&](int ii, int kk) { return ok(ii, key0 + kk); });
             });
     }
     // selected: the union of the tile's blocks (unless bf16_bwd_dq_slc_warp adds them)
@@ -382,7 +391,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
                     ok = ok && pos <= t && pos > t - s.w;
                 else
                     ok = ok && pos <= t;
-                float p = ok ? exp2f(st[nt][e] * sl2 - ls[col]) : 0.0f;
+                float p = ok ? ex2_approx(st[nt][e] * sl2 - ls[col]) : 0.0f;
                 float gate = gs[col];
                 st[nt][e] = p * gate;                          // dV += (gate P)^T dO
                 dpt[nt][e] = p * (gate * dpt[nt][e] - Ds[col]); // dK += dS^T Q

@@ -212,7 +212,8 @@ static void test_bf16_attention(void)
 }
 
 // The other kernel variants: 16 rows per warp (NSA_CUDA_BF16_MT=1) instead of 32, and the
-// selected path by union tiles where H/G is a multiple of 16 (NSA_CUDA_BF16_SLC=union).
+// selected path by union tiles (NSA_CUDA_BF16_SLC=union) for every group size (by default
+// H/G a multiple of 16 runs a warp per position, smaller groups key blocks outside).
 static void test_bf16_attention_mt1(void)
 {
     nsa_context *keep = gpu;
@@ -226,7 +227,11 @@ static void test_bf16_race(void)
 {
     static const attn_case race = {"race", 1, 140, 16, 1, 64, 16, 24, 8, 16, 3, NSA_SELECT_CMP_ATTN,
                                NSA_SELECT_FIXED_PAPER, 0};
+    // a small group (H/G = 4): the selected path with key blocks outside
+    static const attn_case race4 = {"race_gqa4", 1, 140, 8, 2, 64, 16, 24, 8, 16, 3,
+                                    NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0};
     bf16_case(&race);
+    bf16_case(&race4);
 }
 
 static void test_bf16_rejects(void)

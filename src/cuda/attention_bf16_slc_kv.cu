@@ -1,0 +1,220 @@
+/*
+ * attention_bf16_slc_kv.cu — the selected path of the bf16 forward for small GQA groups
+ * (H/G not a multiple of 16): key blocks outside, queries inside (the loop order of Flash
+ * Sparse Attention). A tile of 64 query rows from one position holds at most H/G rows, so
+ * the query-centric kernels either waste most of each MMA (a position's own blocks) or
+ * stream the union of many positions' blocks; here a thread block takes one selected block
+ * and up to KV_SPLIT_ROWS rows of the positions that chose it (the inverted selection index
+ * the backward builds, nsa__cuda_sel_lists), gathers their queries into full 64-row tiles
+ * and writes one partial result per (row, block): o normalised within the block and its lse.
+ * A combine pass merges each row's n partials by their lse and forms the gated sum.
+ *
+ *   bf16_slc_kv_kernel:      partials part_o [rows, n, d], part_lse [rows, n] (slot = the
+ *                            block's place in the row's selection)
+ *   bf16_slc_combine_kernel: o_slc, lse slot 1, out = g0 o_cmp + g1 o_slc + g2 o_win
+ */
+#include "cuda/attention_bf16.cuh"
+
+#define KV_SPLIT_ROWS 256 // query rows per work item (four tiles of MB rows)
+
+template <int DP> static size_t slc_kv_smem_bytes()
+{
+    return (size_t)MB * mcfg<DP>::LD * sizeof(bf16) + 4 * mcfg<DP>::TILE + sizeof(mrows<MB>) +
+           MB * sizeof(int);
+}
+
+template <int DP>
+__global__ void __launch_bounds__(MMA_THREADS, 2)
+    bf16_slc_kv_kernel(float *part_o, float *part_lse, const bf16 *q, const bf16 *k,
+                       const bf16 *v, const int32_t *idx, const int *list_offsets,
+                       const int *lists, const int *item_start, int split_pos, attn_shape s)
+{
+    const int LD = mcfg<DP>::LD;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16 *Qs = (bf16 *)smem_raw, *Ks = Qs + MB * LD, *Vs = Ks + 2 * NB * LD;
+    mrows<MB> *tr = (mrows<MB> *)(Vs + 2 * NB * LD);
+    int *slot_s = (int *)(tr + 1);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
+
+    // the block (whole: tk = b) and the positions of this work item
+    dkv_work w;
+    if (!dkv_work_of<PATH_SLC>(w, s, s.b, list_offsets, lists, item_start, split_pos))
+        return;
+    int g = w.g, b = w.b, blk = w.key0 / s.b;
+    size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.T * stride + (size_t)g * s.d;
+    const float sl2 = s.scale * LOG2E;
+    int nch = (w.key_end - w.key0 + NB - 1) / NB;
+
+    for (long long rg0 = w.rg_begin; rg0 < w.rg_end; rg0 += MB) {
+        __syncthreads(); // the previous tile's rows are read
+        for (int r = threadIdx.x; r < MB; r += MMA_THREADS) {
+            long long rg = rg0 + r;
+            int t = -1, slot = 0;
+            long long row = 0;
+            if (rg < w.rg_end) {
+                int qi = (int)(rg / s.hpg), hh = (int)(rg % s.hpg);
+                t = w.list[qi];
+                row = ((long long)b * s.T + t) * s.H + (long long)g * s.hpg + hh;
+                const int32_t *sel = idx + (((size_t)b * s.T + t) * s.G + g) * s.n;
+                for (int i = 0; i < s.n; i++)
+                    if (sel[i] == blk)
+                        slot = i;
+            }
+            tr->t[r] = t;
+            tr->row[r] = row;
+            slot_s[r] = slot;
+        }
+        __syncthreads();
+        load_row_tile<DP, MB>(Qs, q, tr, s.d);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+        uint32_t qf[DP / 16][4];
+        load_a_frags<DP>(qf, Qs, warp, lane);
+        int trow[2];
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+            trow[i] = tr->t[warp * 16 + gq + 8 * i];
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[DP / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < DP / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                o[nt][e] = 0.0f;
+        stream_chunks<DP>(
+            Ks, Vs, k, v, base, stride, s.d, nch,
+            [&](int i, int &key0, int &cnt) {
+                key0 = w.key0 + i * NB;
+                cnt = min(NB, w.key_end - key0);
+            },
+            [&](int, int key0, int cnt, const bf16 *Kt, const bf16 *Vt) {
+                fwd_step_rq<DP>(m, l, o, qf, Kt, Vt, sl2, lane, [&](int ii, int kk) {
+                    return kk < cnt && key0 + kk <= trow[ii];
+                });
+            });
+        // the block's partial of each row: o / l and lse (natural log; -inf without keys)
+#pragma unroll
+        for (int ii = 0; ii < 2; ii++) {
+            int r = warp * 16 + gq + 8 * ii;
+            if (trow[ii] < 0)
+                continue;
+            size_t at = (size_t)tr->row[r] * s.n + slot_s[r];
+            float inv = l[ii] > 0.0f ? 1.0f / l[ii] : 0.0f;
+            if (c4 == 0)
+                part_lse[at] = l[ii] > 0.0f ? (m[ii] + log2f(l[ii])) * LN2 : -INFINITY;
+            float *po = part_o + at * s.d;
+#pragma unroll
+            for (int nt = 0; nt < DP / 8; nt++) {
+                int col = nt * 8 + 2 * c4;
+                if (col < s.d)
+                    *reinterpret_cast<float2 *>(po + col) =
+                        make_float2(o[nt][2 * ii] * inv, o[nt][2 * ii + 1] * inv);
+            }
+        }
+    }
+}
+
+// One warp per row: the row's partials merged by their lse (slots of unused entries skipped:
+// their partials were never written), then lse slot 1, o_slc (when kept) and the gated sum.
+// Lanes hold the slots' weights (32 slots at a time) and 4 consecutive columns each.
+__global__ void bf16_slc_combine_kernel(float *out, float *o_slc, float *lse3, const float *o_cmp,
+                                        const float *o_win, const float *gates,
+                                        const float *part_o, const float *part_lse,
+                                        const int32_t *idx, attn_shape s)
+{
+    int lane = threadIdx.x % 32;
+    size_t rows = (size_t)s.B * s.T * s.H, nwarps = (size_t)gridDim.x * blockDim.x / 32;
+    for (size_t row = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32; row < rows;
+         row += nwarps) {
+        int h = (int)(row % s.H);
+        size_t bt = row / s.H; // b * T + t
+        const int32_t *sel = idx + (bt * s.G + h / s.hpg) * s.n;
+        const float *pl = part_lse + row * s.n;
+        float mx = -INFINITY;
+        for (int i = lane; i < s.n; i += 32)
+            if (sel[i] >= 0)
+                mx = fmaxf(mx, pl[i]);
+        mx = warp_max(mx);
+        float wsum = 0.0f;
+        if (mx > -INFINITY)
+            for (int i = lane; i < s.n; i += 32)
+                if (sel[i] >= 0)
+                    wsum += __expf(pl[i] - mx);
+        wsum = warp_sum(wsum);
+        float lse = mx > -INFINITY ? mx + __logf(wsum) : -INFINITY;
+        if (lse3 && lane == 0)
+            lse3[row * 3 + 1] = lse;
+        float g0 = gates[row * 3 + 0], g1 = gates[row * 3 + 1], g2 = gates[row * 3 + 2];
+        for (int c0 = 0; c0 < s.d; c0 += 128) { // every lane runs the shuffles
+            int c = c0 + 4 * lane;
+            bool on = c < s.d;
+            float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            for (int i0 = 0; i0 < s.n; i0 += 32) {
+                int i = i0 + lane;
+                float w = i < s.n && sel[i] >= 0 && lse > -INFINITY ? __expf(pl[i] - lse) : 0.0f;
+                int cnt = min(32, s.n - i0);
+                for (int j = 0; j < cnt; j++) {
+                    float wj = __shfl_sync(0xffffffffu, w, j);
+                    if (wj == 0.0f || !on) // unused slot (never written) or no weight
+                        continue;
+                    float4 x = *reinterpret_cast<const float4 *>(part_o + (row * s.n + i0 + j) * s.d + c);
+                    acc.x += wj * x.x;
+                    acc.y += wj * x.y;
+                    acc.z += wj * x.z;
+                    acc.w += wj * x.w;
+                }
+            }
+            if (!on)
+                continue;
+            size_t at = row * s.d + c;
+            if (o_slc)
+                *reinterpret_cast<float4 *>(o_slc + at) = acc;
+            float4 oc = *reinterpret_cast<const float4 *>(o_cmp + at);
+            float4 ow = *reinterpret_cast<const float4 *>(o_win + at);
+            *reinterpret_cast<float4 *>(out + at) =
+                make_float4(g0 * oc.x + g1 * acc.x + g2 * ow.x, g0 * oc.y + g1 * acc.y + g2 * ow.y,
+                            g0 * oc.z + g1 * acc.z + g2 * ow.z, g0 * oc.w + g1 * acc.w + g2 * ow.w);
+        }
+    }
+}
+
+// Scratch floats of the partials (part_o, part_lse) and ints of the selection index.
+size_t nsa__cuda_slc_kv_scratch_bytes(const attn_shape &s)
+{
+    size_t rows = (size_t)s.B * s.T * s.H;
+    return rows * s.n * ((size_t)s.d + 1) * sizeof(float) + nsa__cuda_sel_ws_ints(s) * sizeof(int);
+}
+
+template <int DP>
+static nsa_status slc_kv_dp(nsa_context *ctx, const attn_shape &s, void *scratch, float *out,
+                            float *o_slc, float *lse3, const float *o_cmp, const float *o_win,
+                            const bf16 *q, const bf16 *k, const bf16 *v, const float *gates,
+                            const int32_t *idx)
+{
+    cudaStream_t st = nsa__cuda_stream(ctx);
+    size_t rows = (size_t)s.B * s.T * s.H;
+    float *part_o = (float *)scratch, *part_lse = part_o + rows * s.n * s.d;
+    int *ws = (int *)(part_lse + rows * s.n);
+    int split_pos = KV_SPLIT_ROWS / s.hpg > 0 ? KV_SPLIT_ROWS / s.hpg : 1;
+    sel_index si;
+    NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, ws, split_pos, &si));
+    size_t bytes = slc_kv_smem_bytes<DP>();
+    NSA_TRY(allow_smem(ctx, bf16_slc_kv_kernel<DP>, bytes));
+    bf16_slc_kv_kernel<DP><<<dim3((unsigned)si.max_items, 1, 1), MMA_THREADS, bytes, st>>>(
+        part_o, part_lse, q, k, v, idx, si.offsets, si.lists, si.item_start, split_pos, s);
+    NSA_CUDA_LAUNCHED("bf16_slc_kv_kernel");
+    bf16_slc_combine_kernel<<<nsa__cuda_blocks(rows * 32, 256), 256, 0, st>>>(
+        out, o_slc, lse3, o_cmp, o_win, gates, part_o, part_lse, idx, s);
+    NSA_CUDA_LAUNCHED("bf16_slc_combine_kernel");
+    return NSA_OK;
+}
+
+nsa_status nsa__cuda_slc_kv_forward(nsa_context *ctx, const attn_shape &s, void *scratch,
+                                    float *out, float *o_slc, float *lse3, const float *o_cmp,
+                                    const float *o_win, const bf16 *q, const bf16 *k,
+                                    const bf16 *v, const float *gates, const int32_t *idx)
+{
+    if (s.d <= 64)
+        return slc_kv_dp<64>(ctx, s, scratch, out, o_slc, lse3, o_cmp, o_win, q, k, v, gates, idx);
+    return slc_kv_dp<128>(ctx, s, scratch, out, o_slc, lse3, o_cmp, o_win, q, k, v, gates, idx);
+}
