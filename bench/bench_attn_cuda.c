@@ -304,6 +304,22 @@ int main(int argc, char **argv)
     }
     if (reps < 1)
         reps = 1;
+    if (warmup < 0 || B < 1 || H < 1 || G < 1 || H % G != 0 || d < 1) {
+        fprintf(stderr, "bench: --batch, --heads, --kv-heads, --head-dim must be positive and "
+                        "--heads a multiple of --kv-heads (got %d, %d, %d, %d; --warmup %d)\n",
+                B, H, G, d, warmup);
+        return 2;
+    }
+    if (strcmp(dtype, "bf16") != 0 && strcmp(dtype, "fp32") != 0 && strcmp(dtype, "both") != 0) {
+        fprintf(stderr, "bench: --dtype %s: expected bf16, fp32 or both\n", dtype);
+        return 2;
+    }
+    for (const char *c = lens; *c; c++)
+        if ((*c < '0' || *c > '9') && *c != ',') {
+            fprintf(stderr, "bench: --seq-lens %s: expected positive lengths separated by commas\n",
+                    lens);
+            return 2;
+        }
     if (!nsa_device_available(NSA_DEVICE_CUDA)) {
         printf("skip: no CUDA device\n");
         return 0;
@@ -316,6 +332,10 @@ int main(int argc, char **argv)
     char *list = strdup(lens);
     for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ","))
         for (int use16 = first;; use16 = !use16) {
+            if (atoi(tok) < 1) {
+                fprintf(stderr, "bench: --seq-lens: length %s: must be positive\n", tok);
+                break;
+            }
             bench_length(atoi(tok), B, H, G, d, use16, reps, warmup);
             if (use16 == last)
                 break;

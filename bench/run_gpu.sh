@@ -4,9 +4,11 @@
 # NSA attention against PyTorch SDPA (bench/bench_cuda.py). Logs and the table go to $OUT
 # (default ./gpu_out).
 #
-#   bash bench/run_gpu.sh [all|test|train|bench]
-#   env: SEQ_LENS=8192,16384 REPS=5 NSA_DTYPE=bf16|fp32|both (the bench), TESTS=... and
-#        SANITIZE=... (which device tests run, and which run under compute-sanitizer),
+#   bash bench/run_gpu.sh [all|test|train|bench|groups]
+#   env: SEQ_LENS=8192,16384 REPS=5 NSA_DTYPE=bf16|fp32|both (the bench), GQA_GROUPS="64:64 16:4"
+#        GQA_T=16384 (H:G pairs of the small-group comparison), TESTS=... and
+#        SANITIZE=... (which device tests run, and which run under compute-sanitizer; empty:
+#        none),
 #        PROFILE=1 PROFILE_T=16384 (kernel times by ncu), PROFILE_DETAIL=regex (ncu's
 #        throughput, occupancy and stall sections for the bf16 kernels matching regex)
 set -u -o pipefail
@@ -52,7 +54,7 @@ if [ "$what" = all ] || [ "$what" = test ]; then
     done
     # compute-sanitizer: memcheck on every case, racecheck (shared-memory hazards) on the
     # small --race shapes
-    for t in ${SANITIZE:-test_cuda test_cuda_bf16}; do
+    for t in ${SANITIZE-test_cuda test_cuda_bf16}; do
         echo "== compute-sanitizer memcheck ($t)"
         start=$(date +%s)
         timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 build/cuda/$t \
@@ -123,5 +125,18 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
     echo "== bench"
     PYTHONUNBUFFERED=1 python3 bench/bench_cuda.py --seq-lens "$SEQ_LENS" --reps "$REPS" \
         --nsa-dtype "${NSA_DTYPE:-bf16}" --out "$OUT/bench.md" || status=1
+fi
+
+if [ "$what" = all ] || [ "$what" = bench ] || [ "$what" = groups ]; then
+    # small GQA groups (H/G < 16): the default selected path (key blocks outside) against
+    # union tiles (NSA_CUDA_BF16_SLC=union), bf16, T = GQA_T
+    echo "== GQA groups (H G), T=${GQA_T:-16384}: default, then union tiles"
+    for hg in ${GQA_GROUPS:-64:64 16:16 16:8 16:4 32:4}; do
+        h=${hg%:*} g=${hg#*:}
+        build/cuda/bench_attn_cuda --seq-lens "${GQA_T:-16384}" --reps 3 --heads "$h" \
+            --kv-heads "$g" || status=1
+        NSA_CUDA_BF16_SLC=union build/cuda/bench_attn_cuda --seq-lens "${GQA_T:-16384}" \
+            --reps 3 --heads "$h" --kv-heads "$g" | sed 's/^/union: /' || status=1
+    done
 fi
 exit $status

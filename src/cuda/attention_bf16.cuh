@@ -255,6 +255,35 @@ __device__ __forceinline__ void fwd_step_rq(float (&m)[2], float (&l)[2], float 
     mma_p_v<DP, KT>(o, s, Vt, lane);
 }
 
+// ---- the backward's query-centric step (dq)
+
+// Per-row constants of one path for the thread's rows g and g + 8.
+struct path_rows {
+    float lse2[2], gate[2], D[2];
+};
+
+// One chunk of KT keys of dq: mask ok(i, kk).
+template <int DP, int KT = NB, class Ok>
+__device__ __forceinline__ void dq_step(float (&dq)[DP / 8][4], const uint32_t (&qf)[DP / 16][4],
+                                        const uint32_t (&of)[DP / 16][4], const bf16 *Kt,
+                                        const bf16 *Vt, const path_rows &pr, float sl2, int lane,
+                                        Ok ok)
+{
+    float sc[KT / 8][4], dp[KT / 8][4];
+    mma_rows_keys<DP, KT>(sc, qf, Kt, lane);
+    mma_rows_keys<DP, KT>(dp, of, Vt, lane);
+    int c = lane % 4;
+#pragma unroll
+    for (int nt = 0; nt < KT / 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int i = e / 2, kk = nt * 8 + 2 * c + (e & 1);
+            float p = ok(i, kk) ? ex2_approx(sc[nt][e] * sl2 - pr.lse2[i]) : 0.0f;
+            sc[nt][e] = p * (pr.gate[i] * dp[nt][e] - pr.D[i]);
+        }
+    mma_p_v<DP, KT>(dq, sc, Kt, lane); // dQ += dS K: K's rows play V's part
+}
+
 // ---- one warp streaming one position's selected blocks
 
 #define SLCW_KEYS 32 // keys per chunk of the warp-per-position selected kernels
@@ -543,6 +572,14 @@ nsa_status nsa__cuda_slc_kv_forward(nsa_context *ctx, const attn_shape &s, void 
                                     float *out, float *o_slc, float *lse3, const float *o_cmp,
                                     const float *o_win, const bf16 *q, const bf16 *k,
                                     const bf16 *v, const float *gates, const int32_t *idx);
+// dq of the selected path for small groups, key blocks outside, added to dq: part_dq holds
+// nsa__cuda_dq_slc_kv_scratch_bytes(s); si the inverted selection index of split_pos
+// positions per work item.
+size_t nsa__cuda_dq_slc_kv_scratch_bytes(const attn_shape &s);
+nsa_status nsa__cuda_dq_slc_kv(nsa_context *ctx, const attn_shape &s, float *part_dq, float *dq,
+                               const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dO16,
+                               const float *gates, const float *lse3, const float *Dp,
+                               const int32_t *idx, const sel_index &si, int split_pos);
 
 
 #endif // NSA_CUDA_ATTENTION_BF16_CUH

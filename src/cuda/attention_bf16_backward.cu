@@ -57,33 +57,6 @@ template <int DP> static size_t dq_smem_bytes(const attn_shape &s)
            (size_t)((s.nb + 31) / 32) * sizeof(unsigned);
 }
 
-// Per-row constants of one path for the thread's rows g and g + 8.
-struct path_rows {
-    float lse2[2], gate[2], D[2];
-};
-
-// One chunk of KT keys of dq: mask ok(i, kk).
-template <int DP, int KT = NB, class Ok>
-__device__ __forceinline__ void dq_step(float (&dq)[DP / 8][4], const uint32_t (&qf)[DP / 16][4],
-                                        const uint32_t (&of)[DP / 16][4], const bf16 *Kt,
-                                        const bf16 *Vt, const path_rows &pr, float sl2, int lane,
-                                        Ok ok)
-{
-    float sc[KT / 8][4], dp[KT / 8][4];
-    mma_rows_keys<DP, KT>(sc, qf, Kt, lane);
-    mma_rows_keys<DP, KT>(dp, of, Vt, lane);
-    int c = lane % 4;
-#pragma unroll
-    for (int nt = 0; nt < KT / 8; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            int i = e / 2, kk = nt * 8 + 2 * c + (e & 1);
-            float p = ok(i, kk) ? ex2_approx(sc[nt][e] * sl2 - pr.lse2[i]) : 0.0f;
-            sc[nt][e] = p * (pr.gate[i] * dp[nt][e] - pr.D[i]);
-        }
-    mma_p_v<DP, KT>(dq, sc, Kt, lane); // dQ += dS K: K's rows play V's part
-}
-
 template <int DP>
 __global__ void __launch_bounds__(MMA_THREADS, 2)
     bf16_bwd_dq_kernel(float *dq, const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *kc,
@@ -434,7 +407,7 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
                                    float *dv, float *dkc, float *dvc, const bf16 *q,
                                    const bf16 *k, const bf16 *v, const bf16 *kc, const bf16 *vc,
                                    const bf16 *dO16, const float *gates, const int32_t *idx,
-                                   const float *lse, const float *Dp, int *ws)
+                                   const float *lse, const float *Dp, int *ws, float *part_dq)
 {
     cudaStream_t st = nsa__cuda_stream(ctx);
     long long tiles = ((long long)s.T * s.hpg + MB - 1) / MB;
@@ -442,7 +415,7 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
     NSA_TRY(allow_smem(ctx, bf16_bwd_dq_kernel<DP>, bytes));
     int warp_slc = s.hpg % 16 == 0 && !nsa__cuda(ctx)->bf16_slc_union;
     bf16_bwd_dq_kernel<DP><<<dim3((unsigned)tiles, s.G, s.B), MMA_THREADS, bytes, st>>>(
-        dq, q, k, v, kc, vc, dO16, gates, lse, Dp, idx, !warp_slc, s);
+        dq, q, k, v, kc, vc, dO16, gates, lse, Dp, idx, !warp_slc && !part_dq, s);
     NSA_CUDA_LAUNCHED("bf16_bwd_dq_kernel");
     if (warp_slc) {
         size_t wbytes = slcw_smem_bytes<DP>();
@@ -480,6 +453,9 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
         dk, dv, q, dO16, k, v, gates, lse, Dp, si.offsets, si.lists, si.item_start, kg.split_pos,
         s);
     NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<selected>");
+    if (part_dq) // small groups: dq of the selected path by key blocks (same index)
+        NSA_TRY(nsa__cuda_dq_slc_kv(ctx, s, part_dq, dq, q, k, v, dO16, gates, lse, Dp, idx, si,
+                                    kg.split_pos));
     return NSA_OK;
 }
 
@@ -508,14 +484,27 @@ nsa_status nsa__cuda_attn_backward_bf16(nsa_context *ctx, const nsa__attn_dims *
                           "and 16-byte aligned buffers",
                           s.d);
     size_t rows = (size_t)s.B * s.T * s.H;
-    // scratch: D [rows, 3], dout as bf16, the selection index
-    size_t bytes = rows * 3 * sizeof(float) + ((rows * s.d * sizeof(bf16) + 15) / 16) * 16 +
-                   nsa__cuda_sel_ws_ints(s) * sizeof(int);
+    // small groups (H/G <= 4): dq of the selected path by key blocks when its partials fit in
+    // half the free device memory (as the forward), else union tiles. H100, T = 16384: H/G =
+    // 1, 2, 4 gain 1.33x, 1.19x, 1.06x; at H/G = 8 union tiles were faster (14.5 vs 16.1 ms).
+    size_t part_bytes = 0;
+    if (s.hpg <= 4 && !nsa__cuda(ctx)->bf16_slc_union) {
+        size_t free_b = 0, total_b = 0, want = nsa__cuda_dq_slc_kv_scratch_bytes(s);
+        if (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess && want <= free_b / 2)
+            part_bytes = want;
+        else
+            (void)cudaGetLastError();
+    }
+    // scratch: dout as bf16, D [rows, 3], the selection index, the dq partials
+    size_t o16_bytes = ((rows * s.d * sizeof(bf16) + 255) / 256) * 256;
+    size_t ws_bytes = (((rows * 3 * sizeof(float) + nsa__cuda_sel_ws_ints(s) * sizeof(int)) + 255) /
+                       256) * 256;
     void *mem;
-    NSA_TRY(nsa__cuda_scratch(ctx, bytes, &mem));
+    NSA_TRY(nsa__cuda_scratch(ctx, o16_bytes + ws_bytes + part_bytes, &mem));
     bf16 *dO16 = (bf16 *)mem;
-    float *Dp = (float *)((char *)mem + ((rows * s.d * sizeof(bf16) + 15) / 16) * 16);
+    float *Dp = (float *)((char *)mem + o16_bytes);
     int *ws = (int *)(Dp + rows * 3);
+    float *part_dq = part_bytes ? (float *)((char *)mem + o16_bytes + ws_bytes) : NULL;
     cudaStream_t st = nsa__cuda_stream(ctx);
     bf16_bwd_prep_kernel<<<nsa__cuda_blocks(rows * 32, 256), 256, 0, st>>>(dgates, Dp, dO16, dout,
                                                                            o_paths, gates, rows,
@@ -523,9 +512,9 @@ nsa_status nsa__cuda_attn_backward_bf16(nsa_context *ctx, const nsa__attn_dims *
     NSA_CUDA_LAUNCHED("bf16_bwd_prep_kernel");
     if (s.d <= 64)
         return bf16_backward_dp<64>(ctx, s, dq, dk, dv, dkc, dvc, q, k, v, kc, vc, dO16, gates,
-                                    idx, lse, Dp, ws);
+                                    idx, lse, Dp, ws, part_dq);
     return bf16_backward_dp<128>(ctx, s, dq, dk, dv, dkc, dvc, q, k, v, kc, vc, dO16, gates, idx,
-                                 lse, Dp, ws);
+                                 lse, Dp, ws, part_dq);
 }
 
 // ---------------------------------------------------------------------------------------

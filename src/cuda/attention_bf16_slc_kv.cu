@@ -7,15 +7,47 @@
  * and up to KV_SPLIT_ROWS rows of the positions that chose it (the inverted selection index
  * the backward builds, nsa__cuda_sel_lists), gathers their queries into full 64-row tiles
  * and writes one partial result per (row, block): o normalised within the block and its lse.
- * A combine pass merges each row's n partials by their lse and forms the gated sum.
+ * A combine pass merges each row's n partials by their lse and forms the gated sum. The
+ * backward's dq of the path runs in the same order (the key gradients already do: the dk/dv
+ * kernel walks the same index), each (row, block) writing its own dq partial, summed after.
  *
- *   bf16_slc_kv_kernel:      partials part_o [rows, n, d], part_lse [rows, n] (slot = the
- *                            block's place in the row's selection)
- *   bf16_slc_combine_kernel: o_slc, lse slot 1, out = g0 o_cmp + g1 o_slc + g2 o_win
+ *   bf16_slc_kv_kernel:         partials part_o [rows, n, d], part_lse [rows, n] (slot = the
+ *                               block's place in the row's selection)
+ *   bf16_slc_combine_kernel:    o_slc, lse slot 1, out = g0 o_cmp + g1 o_slc + g2 o_win
+ *   bf16_bwd_dq_slc_kv_kernel:  dq partials [rows, n, d] from the forward's lse (slot 1)
+ *   bf16_dq_slc_add_kernel:     dq += the sum of each row's partials
  */
 #include "cuda/attention_bf16.cuh"
 
 #define KV_SPLIT_ROWS 256 // query rows per work item (four tiles of MB rows)
+
+// Rows rg0 .. rg0 + MB - 1 of work item w (the block w.key0 / b and the positions that chose
+// it) into tr (position, row index; t = -1 past the item) and slot_s (the block's slot in
+// the row's selection). Begins and ends with a barrier.
+static __device__ void kv_tile_rows(mrows<MB> *tr, int *slot_s, const dkv_work &w, long long rg0,
+                                    const attn_shape &s, const int32_t *idx)
+{
+    int blk = w.key0 / s.b;
+    __syncthreads(); // the previous tile's rows are read
+    for (int r = threadIdx.x; r < MB; r += blockDim.x) {
+        long long rg = rg0 + r;
+        int t = -1, slot = 0;
+        long long row = 0;
+        if (rg < w.rg_end) {
+            int qi = (int)(rg / s.hpg), hh = (int)(rg % s.hpg);
+            t = w.list[qi];
+            row = ((long long)w.b * s.T + t) * s.H + (long long)w.g * s.hpg + hh;
+            const int32_t *sel = idx + (((size_t)w.b * s.T + t) * s.G + w.g) * s.n;
+            for (int i = 0; i < s.n; i++)
+                if (sel[i] == blk)
+                    slot = i;
+        }
+        tr->t[r] = t;
+        tr->row[r] = row;
+        slot_s[r] = slot;
+    }
+    __syncthreads();
+}
 
 template <int DP> static size_t slc_kv_smem_bytes()
 {
@@ -40,31 +72,13 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
     dkv_work w;
     if (!dkv_work_of<PATH_SLC>(w, s, s.b, list_offsets, lists, item_start, split_pos))
         return;
-    int g = w.g, b = w.b, blk = w.key0 / s.b;
+    int g = w.g, b = w.b;
     size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.T * stride + (size_t)g * s.d;
     const float sl2 = s.scale * LOG2E;
     int nch = (w.key_end - w.key0 + NB - 1) / NB;
 
     for (long long rg0 = w.rg_begin; rg0 < w.rg_end; rg0 += MB) {
-        __syncthreads(); // the previous tile's rows are read
-        for (int r = threadIdx.x; r < MB; r += MMA_THREADS) {
-            long long rg = rg0 + r;
-            int t = -1, slot = 0;
-            long long row = 0;
-            if (rg < w.rg_end) {
-                int qi = (int)(rg / s.hpg), hh = (int)(rg % s.hpg);
-                t = w.list[qi];
-                row = ((long long)b * s.T + t) * s.H + (long long)g * s.hpg + hh;
-                const int32_t *sel = idx + (((size_t)b * s.T + t) * s.G + g) * s.n;
-                for (int i = 0; i < s.n; i++)
-                    if (sel[i] == blk)
-                        slot = i;
-            }
-            tr->t[r] = t;
-            tr->row[r] = row;
-            slot_s[r] = slot;
-        }
-        __syncthreads();
+        kv_tile_rows(tr, slot_s, w, rg0, s, idx);
         load_row_tile<DP, MB>(Qs, q, tr, s.d);
         cp_async_commit();
         cp_async_wait<0>();
@@ -176,6 +190,154 @@ __global__ void bf16_slc_combine_kernel(float *out, float *o_slc, float *lse3, c
                             g0 * oc.z + g1 * acc.z + g2 * ow.z, g0 * oc.w + g1 * acc.w + g2 * ow.w);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward: dq of the selected path, key blocks outside
+
+template <int DP> static size_t dq_slc_kv_smem_bytes()
+{
+    return 2 * (size_t)MB * mcfg<DP>::LD * sizeof(bf16) + 4 * mcfg<DP>::TILE +
+           sizeof(mrows<MB>) + MB * sizeof(int);
+}
+
+template <int DP>
+__global__ void __launch_bounds__(MMA_THREADS, 2)
+    bf16_bwd_dq_slc_kv_kernel(float *part_dq, const bf16 *q, const bf16 *k, const bf16 *v,
+                              const bf16 *dO16, const float *gates, const float *lse3,
+                              const float *Dp, const int32_t *idx, const int *list_offsets,
+                              const int *lists, const int *item_start, int split_pos,
+                              attn_shape s)
+{
+    const int LD = mcfg<DP>::LD;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16 *Qs = (bf16 *)smem_raw, *Os = Qs + MB * LD, *Ks = Os + MB * LD, *Vs = Ks + 2 * NB * LD;
+    mrows<MB> *tr = (mrows<MB> *)(Vs + 2 * NB * LD);
+    int *slot_s = (int *)(tr + 1);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
+    dkv_work w;
+    if (!dkv_work_of<PATH_SLC>(w, s, s.b, list_offsets, lists, item_start, split_pos))
+        return;
+    size_t stride = (size_t)s.G * s.d, base = (size_t)w.b * s.T * stride + (size_t)w.g * s.d;
+    const float sl2 = s.scale * LOG2E;
+    int nch = (w.key_end - w.key0 + NB - 1) / NB;
+
+    for (long long rg0 = w.rg_begin; rg0 < w.rg_end; rg0 += MB) {
+        kv_tile_rows(tr, slot_s, w, rg0, s, idx);
+        load_row_tile<DP, MB>(Qs, q, tr, s.d);
+        load_row_tile<DP, MB>(Os, dO16, tr, s.d);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+        uint32_t qf[DP / 16][4], of[DP / 16][4];
+        load_a_frags<DP>(qf, Qs, warp, lane);
+        load_a_frags<DP>(of, Os, warp, lane);
+        int trow[2];
+        path_rows pr;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            int r = warp * 16 + gq + 8 * i;
+            trow[i] = tr->t[r];
+            size_t row = (size_t)tr->row[r];
+            float l = trow[i] >= 0 ? lse3[row * 3 + PATH_SLC] : -INFINITY;
+            pr.lse2[i] = l == -INFINITY ? 0.0f : l * LOG2E;
+            pr.gate[i] = trow[i] >= 0 ? gates[row * 3 + PATH_SLC] : 0.0f;
+            pr.D[i] = trow[i] >= 0 ? Dp[row * 3 + PATH_SLC] : 0.0f;
+        }
+        float acc[DP / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < DP / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                acc[nt][e] = 0.0f;
+        stream_chunks<DP>(
+            Ks, Vs, k, v, base, stride, s.d, nch,
+            [&](int i, int &key0, int &cnt) {
+                key0 = w.key0 + i * NB;
+                cnt = min(NB, w.key_end - key0);
+            },
+            [&](int, int key0, int cnt, const bf16 *Kt, const bf16 *Vt) {
+                dq_step<DP>(acc, qf, of, Kt, Vt, pr, sl2, lane, [&](int ii, int kk) {
+                    return kk < cnt && key0 + kk <= trow[ii];
+                });
+            });
+#pragma unroll
+        for (int ii = 0; ii < 2; ii++) {
+            int r = warp * 16 + gq + 8 * ii;
+            if (trow[ii] < 0)
+                continue;
+            float *pd = part_dq + ((size_t)tr->row[r] * s.n + slot_s[r]) * s.d;
+#pragma unroll
+            for (int nt = 0; nt < DP / 8; nt++) {
+                int col = nt * 8 + 2 * c4;
+                if (col < s.d)
+                    *reinterpret_cast<float2 *>(pd + col) =
+                        make_float2(acc[nt][2 * ii] * s.scale, acc[nt][2 * ii + 1] * s.scale);
+            }
+        }
+    }
+}
+
+// One warp per row: dq += the row's partials over its used slots (4 columns a lane).
+__global__ void bf16_dq_slc_add_kernel(float *dq, const float *part_dq, const int32_t *idx,
+                                       attn_shape s)
+{
+    int lane = threadIdx.x % 32;
+    size_t rows = (size_t)s.B * s.T * s.H, nwarps = (size_t)gridDim.x * blockDim.x / 32;
+    for (size_t row = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32; row < rows;
+         row += nwarps) {
+        int h = (int)(row % s.H);
+        const int32_t *sel = idx + ((row / s.H) * s.G + h / s.hpg) * s.n;
+        for (int c = 4 * lane; c < s.d; c += 128) {
+            float4 acc = *reinterpret_cast<const float4 *>(dq + row * s.d + c);
+            for (int i = 0; i < s.n; i++) {
+                if (sel[i] < 0)
+                    continue;
+                float4 x = *reinterpret_cast<const float4 *>(part_dq + (row * s.n + i) * s.d + c);
+                acc.x += x.x;
+                acc.y += x.y;
+                acc.z += x.z;
+                acc.w += x.w;
+            }
+            *reinterpret_cast<float4 *>(dq + row * s.d + c) = acc;
+        }
+    }
+}
+
+size_t nsa__cuda_dq_slc_kv_scratch_bytes(const attn_shape &s)
+{
+    return (size_t)s.B * s.T * s.H * s.n * s.d * sizeof(float);
+}
+
+template <int DP>
+static nsa_status dq_slc_kv_dp(nsa_context *ctx, const attn_shape &s, float *part_dq, float *dq,
+                               const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dO16,
+                               const float *gates, const float *lse3, const float *Dp,
+                               const int32_t *idx, const sel_index &si, int split_pos)
+{
+    cudaStream_t st = nsa__cuda_stream(ctx);
+    size_t bytes = dq_slc_kv_smem_bytes<DP>();
+    NSA_TRY(allow_smem(ctx, bf16_bwd_dq_slc_kv_kernel<DP>, bytes));
+    bf16_bwd_dq_slc_kv_kernel<DP><<<dim3((unsigned)si.max_items, 1, 1), MMA_THREADS, bytes, st>>>(
+        part_dq, q, k, v, dO16, gates, lse3, Dp, idx, si.offsets, si.lists, si.item_start,
+        split_pos, s);
+    NSA_CUDA_LAUNCHED("bf16_bwd_dq_slc_kv_kernel");
+    size_t rows = (size_t)s.B * s.T * s.H;
+    bf16_dq_slc_add_kernel<<<nsa__cuda_blocks(rows * 32, 256), 256, 0, st>>>(dq, part_dq, idx, s);
+    NSA_CUDA_LAUNCHED("bf16_dq_slc_add_kernel");
+    return NSA_OK;
+}
+
+nsa_status nsa__cuda_dq_slc_kv(nsa_context *ctx, const attn_shape &s, float *part_dq, float *dq,
+                               const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dO16,
+                               const float *gates, const float *lse3, const float *Dp,
+                               const int32_t *idx, const sel_index &si, int split_pos)
+{
+    if (s.d <= 64)
+        return dq_slc_kv_dp<64>(ctx, s, part_dq, dq, q, k, v, dO16, gates, lse3, Dp, idx, si,
+                                split_pos);
+    return dq_slc_kv_dp<128>(ctx, s, part_dq, dq, q, k, v, dO16, gates, lse3, Dp, idx, si,
+                             split_pos);
 }
 
 // Scratch floats of the partials (part_o, part_lse) and ints of the selection index.
