@@ -260,6 +260,16 @@ __device__ __forceinline__ void fwd_step_rq(float (&m)[2], float (&l)[2], float 
 // Per-row constants of one path for the thread's rows g and g + 8.
 struct path_rows {
     float lse2[2], gate[2], D[2];
+    // Slot i from row `row` of path p (lse2 in log2 units); a missing row (valid false) or
+    // one without keys on the path (lse -inf: its mask is all false) gets no gradient.
+    __device__ __forceinline__ void set(int i, bool valid, size_t row, int p, const float *lse3,
+                                        const float *gates, const float *Dp)
+    {
+        float l = valid ? lse3[row * 3 + p] : -INFINITY;
+        lse2[i] = l == -INFINITY ? 0.0f : l * LOG2E;
+        gate[i] = valid ? gates[row * 3 + p] : 0.0f;
+        D[i] = valid ? Dp[row * 3 + p] : 0.0f;
+    }
 };
 
 // One chunk of KT keys of dq: mask ok(i, kk).
@@ -490,6 +500,21 @@ __device__ __forceinline__ void store_frag_rows(float *dst, const int *t, const 
             if (col < d)
                 *reinterpret_cast<float2 *>(rp + col) = make_float2(o[nt][2 * i], o[nt][2 * i + 1]);
         }
+    }
+}
+
+// Row g + 8 ii of a warp's C fragments x (DP columns), times `scale`, into dst[0 .. d) (fp32).
+template <int DP>
+__device__ __forceinline__ void store_frag_row(float *dst, const float (&x)[DP / 8][4], int ii,
+                                               float scale, int lane, int d)
+{
+    int c = lane % 4;
+#pragma unroll
+    for (int nt = 0; nt < DP / 8; nt++) {
+        int col = nt * 8 + 2 * c;
+        if (col < d)
+            *reinterpret_cast<float2 *>(dst + col) =
+                make_float2(x[nt][2 * ii] * scale, x[nt][2 * ii + 1] * scale);
     }
 }
 

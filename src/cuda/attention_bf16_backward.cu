@@ -95,13 +95,8 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
         trow[i] = tr->t[r];
         size_t row = (size_t)tr->row[r];
 #pragma unroll
-        for (int p = 0; p < 3; p++) {
-            float l = trow[i] >= 0 ? lse3[row * 3 + p] : -INFINITY;
-            // a row with no key on a path has no gradient from it (its mask is all false)
-            pr[p].lse2[i] = l == -INFINITY ? 0.0f : l * LOG2E;
-            pr[p].gate[i] = trow[i] >= 0 ? gates[row * 3 + p] : 0.0f;
-            pr[p].D[i] = trow[i] >= 0 ? Dp[row * 3 + p] : 0.0f;
-        }
+        for (int p = 0; p < 3; p++)
+            pr[p].set(i, trow[i] >= 0, row, p, lse3, gates, Dp);
     }
     const float sl2 = s.scale * LOG2E;
     float acc[DP / 8][4];
@@ -217,13 +212,8 @@ __global__ void __launch_bounds__(32 * SLCW_WARPS, 3)
     global_a_frags<DP>(of, dO16, u.row0, s.d, lane);
     path_rows pr;
 #pragma unroll
-    for (int i = 0; i < 2; i++) {
-        size_t row = u.row0 + gq + 8 * i;
-        float l = lse3[row * 3 + PATH_SLC];
-        pr.lse2[i] = l == -INFINITY ? 0.0f : l * LOG2E;
-        pr.gate[i] = gates[row * 3 + PATH_SLC];
-        pr.D[i] = Dp[row * 3 + PATH_SLC];
-    }
+    for (int i = 0; i < 2; i++)
+        pr.set(i, true, u.row0 + gq + 8 * i, PATH_SLC, lse3, gates, Dp);
     int g = blockIdx.y, b = blockIdx.z;
     const int32_t *sel = idx + (((size_t)b * s.Tq + u.tq) * s.G + g) * s.n;
     size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.T * stride + (size_t)g * s.d;

@@ -49,6 +49,25 @@ static __device__ void kv_tile_rows(mrows<MB> *tr, int *slot_s, const dkv_work &
     __syncthreads();
 }
 
+// The block of work item w, NB keys at a time through the stages Ks, Vs: step(Kt, Vt, ok)
+// with ok(ii, kk) = key kk of the chunk exists and row g + 8 ii (position trow[ii]) sees it.
+template <int DP, class Step>
+__device__ __forceinline__ void kv_block_chunks(bf16 *Ks, bf16 *Vs, const bf16 *k, const bf16 *v,
+                                                const dkv_work &w, const attn_shape &s,
+                                                const int (&trow)[2], Step step)
+{
+    size_t stride = (size_t)s.G * s.d, base = (size_t)w.b * s.T * stride + (size_t)w.g * s.d;
+    stream_chunks<DP>(
+        Ks, Vs, k, v, base, stride, s.d, (w.key_end - w.key0 + NB - 1) / NB,
+        [&](int i, int &key0, int &cnt) {
+            key0 = w.key0 + i * NB;
+            cnt = min(NB, w.key_end - key0);
+        },
+        [&](int, int key0, int cnt, const bf16 *Kt, const bf16 *Vt) {
+            step(Kt, Vt, [&](int ii, int kk) { return kk < cnt && key0 + kk <= trow[ii]; });
+        });
+}
+
 template <int DP> static size_t slc_kv_smem_bytes()
 {
     return (size_t)MB * mcfg<DP>::LD * sizeof(bf16) + 4 * mcfg<DP>::TILE + sizeof(mrows<MB>) +
@@ -72,10 +91,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
     dkv_work w;
     if (!dkv_work_of<PATH_SLC>(w, s, s.b, list_offsets, lists, item_start, split_pos))
         return;
-    int g = w.g, b = w.b;
-    size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.T * stride + (size_t)g * s.d;
     const float sl2 = s.scale * LOG2E;
-    int nch = (w.key_end - w.key0 + NB - 1) / NB;
 
     for (long long rg0 = w.rg_begin; rg0 < w.rg_end; rg0 += MB) {
         kv_tile_rows(tr, slot_s, w, rg0, s, idx);
@@ -95,17 +111,9 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 #pragma unroll
             for (int e = 0; e < 4; e++)
                 o[nt][e] = 0.0f;
-        stream_chunks<DP>(
-            Ks, Vs, k, v, base, stride, s.d, nch,
-            [&](int i, int &key0, int &cnt) {
-                key0 = w.key0 + i * NB;
-                cnt = min(NB, w.key_end - key0);
-            },
-            [&](int, int key0, int cnt, const bf16 *Kt, const bf16 *Vt) {
-                fwd_step_rq<DP>(m, l, o, qf, Kt, Vt, sl2, lane, [&](int ii, int kk) {
-                    return kk < cnt && key0 + kk <= trow[ii];
-                });
-            });
+        kv_block_chunks<DP>(Ks, Vs, k, v, w, s, trow, [&](const bf16 *Kt, const bf16 *Vt, auto ok) {
+            fwd_step_rq<DP>(m, l, o, qf, Kt, Vt, sl2, lane, ok);
+        });
         // the block's partial of each row: o / l and lse (natural log; -inf without keys)
 #pragma unroll
         for (int ii = 0; ii < 2; ii++) {
@@ -116,14 +124,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
             float inv = l[ii] > 0.0f ? 1.0f / l[ii] : 0.0f;
             if (c4 == 0)
                 part_lse[at] = l[ii] > 0.0f ? (m[ii] + log2f(l[ii])) * LN2 : -INFINITY;
-            float *po = part_o + at * s.d;
-#pragma unroll
-            for (int nt = 0; nt < DP / 8; nt++) {
-                int col = nt * 8 + 2 * c4;
-                if (col < s.d)
-                    *reinterpret_cast<float2 *>(po + col) =
-                        make_float2(o[nt][2 * ii] * inv, o[nt][2 * ii + 1] * inv);
-            }
+            store_frag_row<DP>(part_o + at * s.d, o, ii, inv, lane, s.d);
         }
     }
 }
@@ -214,13 +215,11 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
     bf16 *Qs = (bf16 *)smem_raw, *Os = Qs + MB * LD, *Ks = Os + MB * LD, *Vs = Ks + 2 * NB * LD;
     mrows<MB> *tr = (mrows<MB> *)(Vs + 2 * NB * LD);
     int *slot_s = (int *)(tr + 1);
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4;
     dkv_work w;
     if (!dkv_work_of<PATH_SLC>(w, s, s.b, list_offsets, lists, item_start, split_pos))
         return;
-    size_t stride = (size_t)s.G * s.d, base = (size_t)w.b * s.T * stride + (size_t)w.g * s.d;
     const float sl2 = s.scale * LOG2E;
-    int nch = (w.key_end - w.key0 + NB - 1) / NB;
 
     for (long long rg0 = w.rg_begin; rg0 < w.rg_end; rg0 += MB) {
         kv_tile_rows(tr, slot_s, w, rg0, s, idx);
@@ -238,11 +237,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
         for (int i = 0; i < 2; i++) {
             int r = warp * 16 + gq + 8 * i;
             trow[i] = tr->t[r];
-            size_t row = (size_t)tr->row[r];
-            float l = trow[i] >= 0 ? lse3[row * 3 + PATH_SLC] : -INFINITY;
-            pr.lse2[i] = l == -INFINITY ? 0.0f : l * LOG2E;
-            pr.gate[i] = trow[i] >= 0 ? gates[row * 3 + PATH_SLC] : 0.0f;
-            pr.D[i] = trow[i] >= 0 ? Dp[row * 3 + PATH_SLC] : 0.0f;
+            pr.set(i, trow[i] >= 0, (size_t)tr->row[r], PATH_SLC, lse3, gates, Dp);
         }
         float acc[DP / 8][4];
 #pragma unroll
@@ -250,30 +245,16 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 #pragma unroll
             for (int e = 0; e < 4; e++)
                 acc[nt][e] = 0.0f;
-        stream_chunks<DP>(
-            Ks, Vs, k, v, base, stride, s.d, nch,
-            [&](int i, int &key0, int &cnt) {
-                key0 = w.key0 + i * NB;
-                cnt = min(NB, w.key_end - key0);
-            },
-            [&](int, int key0, int cnt, const bf16 *Kt, const bf16 *Vt) {
-                dq_step<DP>(acc, qf, of, Kt, Vt, pr, sl2, lane, [&](int ii, int kk) {
-                    return kk < cnt && key0 + kk <= trow[ii];
-                });
-            });
+        kv_block_chunks<DP>(Ks, Vs, k, v, w, s, trow, [&](const bf16 *Kt, const bf16 *Vt, auto ok) {
+            dq_step<DP>(acc, qf, of, Kt, Vt, pr, sl2, lane, ok);
+        });
 #pragma unroll
         for (int ii = 0; ii < 2; ii++) {
             int r = warp * 16 + gq + 8 * ii;
             if (trow[ii] < 0)
                 continue;
-            float *pd = part_dq + ((size_t)tr->row[r] * s.n + slot_s[r]) * s.d;
-#pragma unroll
-            for (int nt = 0; nt < DP / 8; nt++) {
-                int col = nt * 8 + 2 * c4;
-                if (col < s.d)
-                    *reinterpret_cast<float2 *>(pd + col) =
-                        make_float2(acc[nt][2 * ii] * s.scale, acc[nt][2 * ii + 1] * s.scale);
-            }
+            store_frag_row<DP>(part_dq + ((size_t)tr->row[r] * s.n + slot_s[r]) * s.d, acc, ii,
+                               s.scale, lane, s.d);
         }
     }
 }
