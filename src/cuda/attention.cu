@@ -134,14 +134,7 @@ __global__ void __launch_bounds__(TILE_THREADS, 1)
         }
     }
     __syncthreads();
-    int warp = threadIdx.x / 32;
-    for (int tqi = warp; tqi < QT; tqi += TILE_THREADS / 32) {
-        int tq = tq0 + tqi;
-        if (tq >= s.Tq)
-            continue;
-        warp_select(score + (size_t)tqi * s.nb, num_candidates(s, s.q_start + tq), s.n, s.fixed,
-                    idx + (((size_t)b * s.Tq + tq) * s.G + g) * s.n, tmp + warp * s.n);
-    }
+    tile_select(score, tmp, QT, tq0, b, g, idx, s);
 }
 
 // ---- forward: window, selected blocks, gated sum

@@ -138,7 +138,7 @@ static __device__ void warp_select(float *score, int num_cand, int n, int fixed,
     }
     __syncwarp();
     float v[SEL_R];
-    int ix[SEL_R], have = SEL_R;
+    int ix[SEL_R];
     sel_scan(score, num_cand, lane, v, ix);
     for (int it = 0; it < k; it++) {
         float bv = v[0];
@@ -163,10 +163,8 @@ static __device__ void warp_select(float *score, int num_cand, int n, int fixed,
             }
             v[SEL_R - 1] = -INFINITY;
             ix[SEL_R - 1] = 0x7fffffff;
-            if (--have == 0) {
+            if (ix[0] == 0x7fffffff) // list run out: the lane's next best from shared memory
                 sel_scan(score, num_cand, lane, v, ix);
-                have = SEL_R;
-            }
         }
     }
     if (fixed && lane == 0) {
@@ -185,6 +183,21 @@ static __device__ void warp_select(float *score, int num_cand, int n, int fixed,
         out[rank] = x;
     }
     __syncwarp();
+}
+
+// The selections of a tile's QT positions tq0 .. (batch b, kv head g) from their block
+// scores score [QT][nb], a warp per position (tmp: n ints per warp). All threads call it.
+static __device__ void tile_select(float *score, int *tmp, int QT, int tq0, int b, int g,
+                                   int32_t *idx, const attn_shape &s)
+{
+    int warp = threadIdx.x / 32;
+    for (int tqi = warp; tqi < QT; tqi += blockDim.x / 32) {
+        int tq = tq0 + tqi;
+        if (tq >= s.Tq)
+            continue;
+        warp_select(score + (size_t)tqi * s.nb, num_candidates(s, s.q_start + tq), s.n, s.fixed,
+                    idx + (((size_t)b * s.Tq + tq) * s.G + g) * s.n, tmp + warp * s.n);
+    }
 }
 
 // ---------------------------------------------------------------------------------------

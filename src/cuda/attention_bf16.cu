@@ -332,13 +332,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
             __syncwarp();
         });
     __syncthreads();
-    for (int tqi = warp; tqi < QT; tqi += MMA_THREADS / 32) {
-        int tq = tq0 + tqi;
-        if (tq >= s.Tq)
-            continue;
-        warp_select(score + (size_t)tqi * s.nb, num_candidates(s, s.q_start + tq), s.n, s.fixed,
-                    idx + (((size_t)b * s.Tq + tq) * s.G + g) * s.n, tmp + warp * s.n);
-    }
+    tile_select(score, tmp, QT, tq0, b, g, idx, s);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -624,14 +618,8 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
     // blocks outside (attention_bf16_slc_kv.cu) when its partials fit in half the free
     // device memory; otherwise (and with NSA_CUDA_BF16_SLC=union) union tiles
     size_t kv_bytes = 0;
-    if (s.hpg % 16 != 0 && s.Tq == s.T && s.q_start == 0 && !cs->bf16_slc_union) {
-        size_t free_b = 0, total_b = 0;
-        size_t want = nsa__cuda_slc_kv_scratch_bytes(s);
-        if (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess && want <= free_b / 2)
-            kv_bytes = want;
-        else
-            (void)cudaGetLastError();
-    }
+    if (s.hpg % 16 != 0 && s.Tq == s.T && s.q_start == 0 && !cs->bf16_slc_union)
+        kv_bytes = bytes_if_half_free(nsa__cuda_slc_kv_scratch_bytes(s));
     size_t main_bytes = (n_ocmp + n_lse + n_sel) * sizeof(float);
     main_bytes = (main_bytes + 255) / 256 * 256;
     float *scratch = NULL;

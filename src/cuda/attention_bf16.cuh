@@ -480,29 +480,6 @@ __device__ __forceinline__ void fwd_step(fwd_acc<DP, MT> &acc, const bf16 *Qs, i
     }
 }
 
-// Stores the 16 rows row0 .. row0 + 15 of an m-tile's o (C fragments, DP columns) as fp32
-// into dst rows ([rows][d]); t[r] < 0 marks rows past the end, row[r] their index.
-template <int DP>
-__device__ __forceinline__ void store_frag_rows(float *dst, const int *t, const long long *row,
-                                                const float (&o)[DP / 8][4], int row0, int lane,
-                                                int d)
-{
-    int g = lane / 4, c = lane % 4;
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        int r = row0 + g + 8 * i;
-        if (t[r] < 0)
-            continue;
-        float *rp = dst + (size_t)row[r] * d;
-#pragma unroll
-        for (int nt = 0; nt < DP / 8; nt++) {
-            int col = nt * 8 + 2 * c;
-            if (col < d)
-                *reinterpret_cast<float2 *>(rp + col) = make_float2(o[nt][2 * i], o[nt][2 * i + 1]);
-        }
-    }
-}
-
 // Row g + 8 ii of a warp's C fragments x (DP columns), times `scale`, into dst[0 .. d) (fp32).
 template <int DP>
 __device__ __forceinline__ void store_frag_row(float *dst, const float (&x)[DP / 8][4], int ii,
@@ -515,6 +492,22 @@ __device__ __forceinline__ void store_frag_row(float *dst, const float (&x)[DP /
         if (col < d)
             *reinterpret_cast<float2 *>(dst + col) =
                 make_float2(x[nt][2 * ii] * scale, x[nt][2 * ii + 1] * scale);
+    }
+}
+
+// Stores the 16 rows row0 .. row0 + 15 of an m-tile's o (C fragments, DP columns) as fp32
+// into dst rows ([rows][d]); t[r] < 0 marks rows past the end, row[r] their index.
+template <int DP>
+__device__ __forceinline__ void store_frag_rows(float *dst, const int *t, const long long *row,
+                                                const float (&o)[DP / 8][4], int row0, int lane,
+                                                int d)
+{
+    int g = lane / 4;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        int r = row0 + g + 8 * i;
+        if (t[r] >= 0)
+            store_frag_row<DP>(dst + (size_t)row[r] * d, o, i, 1.0f, lane, d);
     }
 }
 
@@ -587,6 +580,18 @@ static inline int bf16_supported(const attn_shape &s, const void *const *ptrs, i
         if (ptrs[i] && (uintptr_t)ptrs[i] % 16 != 0)
             return 0;
     return 1;
+}
+
+// `bytes` when they fit in half the device memory free now, else 0: the key-block paths
+// below take their partials' scratch only then and otherwise fall back to union tiles.
+static inline size_t bytes_if_half_free(size_t bytes)
+{
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 0;
+    }
+    return bytes <= free_b / 2 ? bytes : 0;
 }
 
 // The selected path and the gated sum for small groups, key blocks outside

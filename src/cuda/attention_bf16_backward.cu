@@ -478,13 +478,8 @@ nsa_status nsa__cuda_attn_backward_bf16(nsa_context *ctx, const nsa__attn_dims *
     // half the free device memory (as the forward), else union tiles. H100, T = 16384: H/G =
     // 1, 2, 4 gain 1.33x, 1.19x, 1.06x; at H/G = 8 union tiles were faster (14.5 vs 16.1 ms).
     size_t part_bytes = 0;
-    if (s.hpg <= 4 && !nsa__cuda(ctx)->bf16_slc_union) {
-        size_t free_b = 0, total_b = 0, want = nsa__cuda_dq_slc_kv_scratch_bytes(s);
-        if (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess && want <= free_b / 2)
-            part_bytes = want;
-        else
-            (void)cudaGetLastError();
-    }
+    if (s.hpg <= 4 && !nsa__cuda(ctx)->bf16_slc_union)
+        part_bytes = bytes_if_half_free(nsa__cuda_dq_slc_kv_scratch_bytes(s));
     // scratch: dout as bf16, D [rows, 3], the selection index, the dq partials
     size_t o16_bytes = ((rows * s.d * sizeof(bf16) + 255) / 256) * 256;
     size_t ws_bytes = (((rows * 3 * sizeof(float) + nsa__cuda_sel_ws_ints(s) * sizeof(int)) + 255) /

@@ -81,7 +81,6 @@ static __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c0
     a[3] = pack_bf16(c1[2], c1[3]);
 }
 
-// Reductions over the 4 lanes that share a fragment row.
 // 2^x by the special function unit (flushes results below 2^-126 to zero).
 static __device__ __forceinline__ float ex2_approx(float x)
 {
@@ -90,6 +89,7 @@ static __device__ __forceinline__ float ex2_approx(float x)
     return y;
 }
 
+// Reductions over the 4 lanes that share a fragment row.
 static __device__ __forceinline__ float quad_max(float v)
 {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
