@@ -35,9 +35,10 @@ cuda-check:
 	@echo "skip: nvcc not found, CUDA backend not built"
 else
 cuda: $(CUDA_BUILD)/libnsa.a $(CUDA_BUILD)/nsa $(CUDA_BUILD)/test_cuda $(CUDA_BUILD)/test_cuda_bf16 \
-      $(CUDA_BUILD)/bench_attn_cuda $(CUDA_BUILD)/gpu_limits
+      $(CUDA_BUILD)/test_wgmma $(CUDA_BUILD)/bench_attn_cuda $(CUDA_BUILD)/gpu_limits
 
-cuda-check: $(CUDA_BUILD)/test_cuda $(CUDA_BUILD)/test_cuda_bf16
+cuda-check: $(CUDA_BUILD)/test_cuda $(CUDA_BUILD)/test_cuda_bf16 $(CUDA_BUILD)/test_wgmma
+	$(CUDA_BUILD)/test_wgmma
 	$(CUDA_BUILD)/test_cuda
 	$(CUDA_BUILD)/test_cuda_bf16
 
@@ -66,6 +67,10 @@ $(CUDA_BUILD)/test_cuda $(CUDA_BUILD)/test_cuda_bf16: $(CUDA_BUILD)/%: tests/cud
 $(CUDA_BUILD)/bench_attn_cuda: bench/bench_attn_cuda.c $(CUDA_BUILD)/libnsa.a
 	$(CC) $(CPPFLAGS) -DNSA_HAVE_CUDA -I$(CUDA_HOME)/include $(WARN) $(CFLAGS) $(OMPFLAGS) \
 	    -o $@ $< $(CUDA_BUILD)/libnsa.a $(CUDA_LDLIBS)
+
+$(CUDA_BUILD)/test_wgmma: tests/cuda/test_wgmma.cu src/cuda/wgmma.cuh src/cuda/mma.cuh
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -Isrc -o $@ $<
 
 $(CUDA_BUILD)/gpu_limits: bench/gpu_limits.cu
 	@mkdir -p $(dir $@)
