@@ -9,7 +9,8 @@
 #        GQA_T=16384 (H:G pairs of the small-group comparison), TESTS=... and
 #        SANITIZE=... (which device tests run, and which run under compute-sanitizer; empty:
 #        none),
-#        PROFILE=1 PROFILE_T=16384 (kernel times by ncu), PROFILE_DETAIL=regex (ncu's
+#        PROFILE=1 PROFILE_T=16384 PROFILE_KERNELS=regex (kernel times by ncu, of the kernels
+#        matching regex when given), PROFILE_DETAIL=regex (ncu's
 #        throughput, occupancy and stall sections for the bf16 kernels matching regex)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -106,7 +107,8 @@ fi
 
 if [ -n "${PROFILE:-}" ]; then
     echo "== kernel times (ncu, T=${PROFILE_T:-16384}: forward, inference forward, backward)"
-    timeout 240 ncu --metrics gpu__time_duration.sum --csv build/cuda/bench_attn_cuda \
+    timeout 240 ncu ${PROFILE_KERNELS:+-k "regex:$PROFILE_KERNELS"} \
+        --metrics gpu__time_duration.sum --csv build/cuda/bench_attn_cuda \
         --seq-lens "${PROFILE_T:-16384}" --reps 1 --warmup 0 >"$OUT/ncu.csv" 2>"$OUT/ncu.err" || true
     python3 - "$OUT/ncu.csv" <<'PY' || tail -n 20 "$OUT/ncu.err"
 import csv, sys, collections

@@ -554,7 +554,8 @@ enum { PATH_CMP = 0, PATH_SLC = 1, PATH_WIN = 2 }; // also the slots of lse and 
 // compressed path) of kv head g of batch b, and the flattened (query, head) rows [rg_begin,
 // rg_end) that attend it: position t0 + rg / hpg (window, compressed) or list[rg / hpg]
 // (selected). Window: every query that sees the tile (grid: tiles x G x B). Compressed:
-// pieces of `split` rows (grid: pieces * tiles x G x B). Selected: work items of the
+// pieces of `split` rows, cut at multiples of `split` of the (position, head) order (grid:
+// pieces * tiles x G x B). Selected: work items of the
 // inverted index, `split` positions each (grid: items x chunks of the block). False when
 // the block has nothing to do.
 struct dkv_work {
@@ -605,9 +606,11 @@ static __device__ __forceinline__ bool dkv_work_of(dkv_work &w, const attn_shape
         int t1 = PATH == PATH_CMP ? s.T - 1 : min(s.T - 1, w.key_end - 1 + s.w - 1);
         long long num_rows = t1 >= w.t0 ? (long long)(t1 - w.t0 + 1) * s.hpg : 0;
         w.rg_end = num_rows;
-        if (PATH == PATH_CMP) {
-            w.rg_begin = (long long)(blockIdx.x / tiles) * split;
-            w.rg_end = min(num_rows, w.rg_begin + split);
+        if (PATH == PATH_CMP) { // piece blockIdx.x / tiles of the absolute rows, so that
+            // the key tiles running side by side read the same rows (from L2)
+            long long first = (long long)w.t0 * s.hpg, p0 = (long long)(blockIdx.x / tiles) * split;
+            w.rg_begin = max(p0 - first, 0LL);
+            w.rg_end = min(num_rows, p0 + split - first);
         }
     }
     return w.key0 < w.key_end && w.rg_begin < w.rg_end;

@@ -18,6 +18,7 @@
 
 #include "cuda/attention.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/wgmma.cuh"
 
 #define MB 64 // query rows per thread block
 #define NB 64 // keys per chunk
@@ -36,19 +37,55 @@ static const float LOG2E = 1.4426950408889634f;
 static const float LN2 = 0.6931471805599453f;
 
 // Rows key0 .. key0 + cnt - 1 (rows base + key * stride of X, d columns) into a padded
-// 64-row tile by cp.async; rows past cnt and columns past d are zero. d % 8 == 0 and X
-// 16-byte aligned (the launchers check).
+// 64-row tile by cp.async, by the 128 threads tid (of a warpgroup); rows past cnt and
+// columns past d are zero. d % 8 == 0 and X 16-byte aligned (the launchers check).
 template <int DP>
 __device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *X, size_t base, size_t stride,
-                                          int key0, int cnt, int d)
+                                          int key0, int cnt, int d, int tid = threadIdx.x)
 {
     const int CH = DP / 8; // 16-byte chunks per row
-    for (int e = threadIdx.x; e < NB * CH; e += MMA_THREADS) {
+    for (int e = tid; e < NB * CH; e += MMA_THREADS) {
         int kk = e / CH, c = (e % CH) * 8;
         bool ok = kk < cnt && c < d;
         const bf16 *src = ok ? X + base + (size_t)(key0 + kk) * stride + c : X;
         cp_async16(dst + kk * mcfg<DP>::LD + c, src, ok ? 16 : 0);
     }
+}
+
+#if NSA_WGMMA
+// load_tile into a sw128 tile of NB rows (wgmma.cuh); dst 1024-byte aligned.
+template <int DP>
+__device__ __forceinline__ void load_tile_sw(bf16 *dst, const bf16 *X, size_t base, size_t stride,
+                                             int key0, int cnt, int d, int tid = threadIdx.x)
+{
+    const int CH = DP / 8;
+    for (int e = tid; e < NB * CH; e += MMA_THREADS) {
+        int kk = e / CH, c = (e % CH) * 8;
+        bool ok = kk < cnt && c < d;
+        const bf16 *src = ok ? X + base + (size_t)(key0 + kk) * stride + c : X;
+        cp_async16((unsigned char *)dst + sw128_off(NB, kk, c), src, ok ? 16 : 0);
+    }
+}
+
+// d (64 x DP) += A B with A from registers and B a sw128 tile of NB rows read MN-major
+// (k-step ks: rows 16ks .. 16ks + 15 of B).
+template <int DP>
+__device__ __forceinline__ void wgmma_rs_dp(float (&d)[DP / 8][4], const uint32_t (&a)[4],
+                                            const bf16 *B, int ks)
+{
+    if constexpr (DP == 128)
+        wgmma_rs_n128<1>(d, a, desc_mn(B, NB, ks), 1);
+    else
+        wgmma_rs_n64<1>(d, a, desc_mn(B, NB, ks), 1);
+}
+#endif
+
+// Rounds the dynamic shared memory base up to 1024 bytes (sw128 tiles); the launchers
+// ask for SMEM_ALIGN more bytes.
+#define SMEM_ALIGN 1024
+static __device__ __forceinline__ unsigned char *smem_aligned(unsigned char *p)
+{
+    return (unsigned char *)(((uintptr_t)p + SMEM_ALIGN - 1) & ~(uintptr_t)(SMEM_ALIGN - 1));
 }
 
 // The query rows of a tile of R rows of one (batch, kv head): consecutive (position, head)

@@ -248,13 +248,18 @@ __global__ void __launch_bounds__(32 * SLCW_WARPS, 3)
 // ---------------------------------------------------------------------------------------
 // dk, dv: key-centric
 
-template <int DP> static size_t dkv_smem_bytes()
+template <int DP, int WG> static size_t dkv_smem_bytes()
 {
-    return 6 * mcfg<DP>::TILE + 2 * MB * (3 * sizeof(float) + sizeof(int));
+    return (2 * WG + 4) * mcfg<DP>::TILE + 2 * MB * sizeof(float4) + SMEM_ALIGN;
 }
 
-template <int DP, int PATH>
-__global__ void __launch_bounds__(MMA_THREADS, 2)
+// On sm_90a the four products of a step run as warpgroup MMAs (wgmma.cuh) on sw128 tiles:
+// S^T and dP^T with both operands in shared memory, dV and dK with (gate P)^T and dS^T from
+// registers. Otherwise mma.sync on padded tiles. WG warpgroups of 128 threads, each with its
+// 64 keys of a tile of 64 WG keys, share the query rows streamed (WG = 2 halves the traffic
+// of q and dO, which bounds the compressed and window paths).
+template <int DP, int PATH, int WG>
+__global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
     bf16_bwd_dkv_kernel(float *dK, float *dV, const bf16 *q, const bf16 *dO16, const bf16 *K,
                         const bf16 *V, const float *gates, const float *lse3, const float *Dp,
                         const int *list_offsets, const int *lists, const int *item_start,
@@ -262,23 +267,34 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int LD = mcfg<DP>::LD;
-    bf16 *Ks = (bf16 *)smem_raw, *Vs = Ks + NB * LD, *Qs = Vs + NB * LD, *Os = Qs + 2 * NB * LD;
-    float *lse_s = (float *)(Os + 2 * NB * LD), *gate_s = lse_s + 2 * MB, *D_s = gate_s + 2 * MB;
-    int *t_s = (int *)(D_s + 2 * MB);
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
+    // one 64-row tile: padded rows, or a sw128 tile (no padding)
+    const int TE = NSA_WGMMA ? NB * DP : NB * LD;
+    bf16 *Ks = (bf16 *)smem_aligned(smem_raw), *Vs = Ks + WG * TE, *Qs = Vs + WG * TE;
+    bf16 *Os = Qs + 2 * TE;
+    // per query row of each stage: {position (-1: no gradient), lse * log2(e), gate, D}
+    float4 *meta_s = (float4 *)(Os + 2 * TE);
+    int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
+    int wg = threadIdx.x / MMA_THREADS, wtid = threadIdx.x % MMA_THREADS;
     int Tk = PATH == PATH_CMP ? s.Tc : s.T;
 
     // The key tile and its query rows (dkv_work_of, shared with the fp32 kernel).
     dkv_work w;
-    if (!dkv_work_of<PATH>(w, s, NB, list_offsets, lists, item_start, split))
+    if (!dkv_work_of<PATH>(w, s, NB * WG, list_offsets, lists, item_start, split))
         return;
     int g = w.g, b = w.b, key0 = w.key0, key_end = w.key_end, t0 = w.t0;
     long long rg_begin = w.rg_begin, rg_end = w.rg_end;
     const int *list = w.list;
-    int cnt = key_end - key0;
+    // this warpgroup's keys: wkey0 .. key_end - 1 (at most 64)
+    int wkey0 = key0 + wg * NB, cnt = max(0, min(NB, key_end - wkey0));
     size_t stride = (size_t)s.G * s.d, kbase = (size_t)b * Tk * stride + (size_t)g * s.d;
-    load_tile<DP>(Ks, K, kbase, stride, key0, cnt, s.d);
-    load_tile<DP>(Vs, V, kbase, stride, key0, cnt, s.d);
+    Ks += wg * TE, Vs += wg * TE;
+#if NSA_WGMMA
+    load_tile_sw<DP>(Ks, K, kbase, stride, wkey0, cnt, s.d, wtid);
+    load_tile_sw<DP>(Vs, V, kbase, stride, wkey0, cnt, s.d, wtid);
+#else
+    load_tile<DP>(Ks, K, kbase, stride, wkey0, cnt, s.d, wtid);
+    load_tile<DP>(Vs, V, kbase, stride, wkey0, cnt, s.d, wtid);
+#endif
 
     // query row r of the piece: position and row index
     auto row_of = [&](long long rg, int &t, size_t &row) {
@@ -286,31 +302,38 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
         t = PATH == PATH_SLC ? list[qi] : t0 + qi;
         row = ((size_t)b * s.T + t) * s.H + (size_t)g * s.hpg + hh;
     };
+    // 2 WG threads a row: each copies its share of the row's q and dO chunks; the first
+    // also writes the row's metadata.
     auto load_rows = [&](long long rg0, int stg) {
-        const int CH = DP / 8;
-        for (int e = threadIdx.x; e < MB * CH; e += MMA_THREADS) {
-            int r = e / CH, c = (e % CH) * 8;
-            long long rg = rg0 + r;
-            bool ok = rg < rg_end && c < s.d;
-            int t = 0;
-            size_t row = 0;
-            if (ok)
-                row_of(rg, t, row);
+        const int CH = DP / 8, TPR = MMA_THREADS * WG / MB;
+        int r = threadIdx.x / TPR, part = threadIdx.x % TPR;
+        long long rg = rg0 + r;
+        int t = -1;
+        size_t row = 0;
+        if (rg < rg_end)
+            row_of(rg, t, row);
+#pragma unroll
+        for (int i = 0; i < CH / TPR; i++) {
+            int c = (part + TPR * i) * 8;
+            bool ok = t >= 0 && c < s.d;
             const bf16 *sq = ok ? q + row * s.d + c : q, *so = ok ? dO16 + row * s.d + c : dO16;
-            cp_async16(Qs + stg * NB * LD + r * LD + c, sq, ok ? 16 : 0);
-            cp_async16(Os + stg * NB * LD + r * LD + c, so, ok ? 16 : 0);
+#if NSA_WGMMA
+            uint32_t at = sw128_off(NB, r, c);
+            cp_async16((unsigned char *)(Qs + stg * TE) + at, sq, ok ? 16 : 0);
+            cp_async16((unsigned char *)(Os + stg * TE) + at, so, ok ? 16 : 0);
+#else
+            cp_async16(Qs + stg * TE + r * LD + c, sq, ok ? 16 : 0);
+            cp_async16(Os + stg * TE + r * LD + c, so, ok ? 16 : 0);
+#endif
         }
-        for (int r = threadIdx.x; r < MB; r += MMA_THREADS) {
-            long long rg = rg0 + r;
-            int t = -1;
-            size_t row = 0;
-            if (rg < rg_end)
-                row_of(rg, t, row);
+        if (part == 0) {
             float l = t >= 0 ? lse3[row * 3 + PATH] : -INFINITY;
-            t_s[stg * MB + r] = l == -INFINITY ? -1 : t; // no key on this path: no gradient
-            lse_s[stg * MB + r] = l == -INFINITY ? 0.0f : l * LOG2E;
-            gate_s[stg * MB + r] = t >= 0 ? gates[row * 3 + PATH] : 0.0f;
-            D_s[stg * MB + r] = t >= 0 ? Dp[row * 3 + PATH] : 0.0f;
+            float4 m;
+            m.x = __int_as_float(l == -INFINITY ? -1 : t); // no key on this path: no gradient
+            m.y = l == -INFINITY ? 0.0f : l * LOG2E;
+            m.z = t >= 0 ? gates[row * 3 + PATH] : 0.0f;
+            m.w = t >= 0 ? Dp[row * 3 + PATH] : 0.0f;
+            meta_s[stg * MB + r] = m;
         }
     };
 
@@ -321,10 +344,17 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 #pragma unroll
         for (int e = 0; e < 4; e++)
             dk[nt][e] = dv[nt][e] = 0.0f;
-    int kpos[2];
+    // The thread's two keys: position pos sees rows of position t when
+    //   compressed: t >= pos * r + l - 1;  window: 0 <= t - pos < w;  selected: t >= pos,
+    // as t >= tmin and (unsigned)(t - tmin) < span; a key past the tile: tmin = INT_MAX.
+    int tmin[2];
+    unsigned span[2];
 #pragma unroll
-    for (int i = 0; i < 2; i++)
-        kpos[i] = key0 + warp * 16 + gq + 8 * i;
+    for (int i = 0; i < 2; i++) {
+        int pos = wkey0 + warp * 16 + gq + 8 * i;
+        tmin[i] = pos >= key_end ? INT_MAX : PATH == PATH_CMP ? pos * s.r + s.l - 1 : pos;
+        span[i] = PATH == PATH_WIN ? (unsigned)s.w : UINT_MAX;
+    }
     int ntiles = (int)((rg_end - rg_begin + MB - 1) / MB);
     load_rows(rg_begin, 0);
     cp_async_commit();
@@ -334,41 +364,71 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
             load_rows(rg_begin + (long long)(it + 1) * MB, stg ^ 1);
         cp_async_commit();
         cp_async_wait<1>();
+#if NSA_WGMMA
+        fence_async_smem();
+#endif
         __syncthreads();
-        const bf16 *Qt = Qs + stg * NB * LD, *Ot = Os + stg * NB * LD;
-        const int *ts = t_s + stg * MB;
-        const float *ls = lse_s + stg * MB, *gs = gate_s + stg * MB, *Ds = D_s + stg * MB;
+        const bf16 *Qt = Qs + stg * TE, *Ot = Os + stg * TE;
+        const float4 *ms = meta_s + stg * MB;
         float st[8][4], dpt[8][4];
+#if NSA_WGMMA
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < DP / 16; ks++) // S^T: keys x rows
+            wgmma_ss_n64(st, desc_k(Ks, NB, ks), desc_k(Qt, NB, ks), ks > 0);
+#pragma unroll
+        for (int ks = 0; ks < DP / 16; ks++) // dP^T
+            wgmma_ss_n64(dpt, desc_k(Vs, NB, ks), desc_k(Ot, NB, ks), ks > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+#else
         mma_rows_keys_sa<DP>(st, Ks, warp * 16, Qt, lane);  // S^T: keys x rows
         mma_rows_keys_sa<DP>(dpt, Vs, warp * 16, Ot, lane); // dP^T
+#endif
 #pragma unroll
         for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int i = e / 2, col = nt * 8 + 2 * c4 + (e & 1);
-                int t = ts[col], pos = kpos[i];
-                bool ok = t >= 0 && pos < key_end;
-                if (PATH == PATH_CMP)
-                    ok = ok && pos * s.r + s.l - 1 <= t;
-                else if (PATH == PATH_WIN)
-                    ok = ok && pos <= t && pos > t - s.w;
-                else
-                    ok = ok && pos <= t;
-                float p = ok ? ex2_approx(st[nt][e] * sl2 - ls[col]) : 0.0f;
-                float gate = gs[col];
-                st[nt][e] = p * gate;                          // dV += (gate P)^T dO
-                dpt[nt][e] = p * (gate * dpt[nt][e] - Ds[col]); // dK += dS^T Q
+            for (int h = 0; h < 2; h++) {
+                float4 m = ms[nt * 8 + 2 * c4 + h];
+                int t = __float_as_int(m.x);
+#pragma unroll
+                for (int i = 0; i < 2; i++) {
+                    int e = 2 * i + h;
+                    bool ok = t >= tmin[i] && (unsigned)(t - tmin[i]) < span[i];
+                    float p = ok ? ex2_approx(st[nt][e] * sl2 - m.y) : 0.0f;
+                    st[nt][e] = p * m.z;                       // dV += (gate P)^T dO
+                    dpt[nt][e] = p * (m.z * dpt[nt][e] - m.w); // dK += dS^T Q
+                }
             }
+#if NSA_WGMMA
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            uint32_t a[4];
+            c_to_a(a, st[2 * j], st[2 * j + 1]);
+            wgmma_rs_dp<DP>(dv, a, Ot, j);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            uint32_t a[4];
+            c_to_a(a, dpt[2 * j], dpt[2 * j + 1]);
+            wgmma_rs_dp<DP>(dk, a, Qt, j);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+#else
         mma_p_v<DP>(dv, st, Ot, lane);
         mma_p_v<DP>(dk, dpt, Qt, lane);
+#endif
         __syncthreads();
     }
     // window: written (=); compressed and selected: added
 #pragma unroll
     for (int i = 0; i < 2; i++) {
-        if (kpos[i] >= key_end)
+        int pos = wkey0 + warp * 16 + gq + 8 * i;
+        if (pos >= key_end)
             continue;
-        size_t at = kbase + (size_t)kpos[i] * stride;
+        size_t at = kbase + (size_t)pos * stride;
 #pragma unroll
         for (int nt = 0; nt < DP / 8; nt++) {
             int col = nt * 8 + 2 * c4;
@@ -417,11 +477,13 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
         NSA_CUDA_LAUNCHED("bf16_bwd_dq_slc_warp_kernel");
     }
 
-    dkv_grid kg = {};
+    // window and compressed: tiles of 128 keys (two warpgroups); selected: one block
+    dkv_grid kg = {}, kg2 = {};
     NSA_TRY(dkv_grid_of(s, NB, 64 * MB, &kg));
-    size_t kv_bytes = dkv_smem_bytes<DP>();
-    NSA_TRY(allow_smem(ctx, bf16_bwd_dkv_kernel<DP, PATH_WIN>, kv_bytes));
-    bf16_bwd_dkv_kernel<DP, PATH_WIN><<<kg.win, MMA_THREADS, kv_bytes, st>>>(
+    NSA_TRY(dkv_grid_of(s, 2 * NB, 64 * MB, &kg2));
+    size_t kv_bytes = dkv_smem_bytes<DP, 1>(), kv2_bytes = dkv_smem_bytes<DP, 2>();
+    NSA_TRY(allow_smem(ctx, bf16_bwd_dkv_kernel<DP, PATH_WIN, 2>, kv2_bytes));
+    bf16_bwd_dkv_kernel<DP, PATH_WIN, 2><<<kg2.win, 2 * MMA_THREADS, kv2_bytes, st>>>(
         dk, dv, q, dO16, k, v, gates, lse, Dp, NULL, NULL, NULL, 0, s);
     NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<window>");
 
@@ -429,17 +491,17 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
         size_t nkvc = (size_t)s.B * s.Tc * s.G * s.d;
         NSA_CUDA_TRY(cudaMemsetAsync(dkc, 0, nkvc * sizeof(float), st));
         NSA_CUDA_TRY(cudaMemsetAsync(dvc, 0, nkvc * sizeof(float), st));
-        NSA_TRY(allow_smem(ctx, bf16_bwd_dkv_kernel<DP, PATH_CMP>, kv_bytes));
-        bf16_bwd_dkv_kernel<DP, PATH_CMP><<<kg.cmp, MMA_THREADS, kv_bytes, st>>>(
-            dkc, dvc, q, dO16, kc, vc, gates, lse, Dp, NULL, NULL, NULL, kg.split_rows, s);
+        NSA_TRY(allow_smem(ctx, bf16_bwd_dkv_kernel<DP, PATH_CMP, 2>, kv2_bytes));
+        bf16_bwd_dkv_kernel<DP, PATH_CMP, 2><<<kg2.cmp, 2 * MMA_THREADS, kv2_bytes, st>>>(
+            dkc, dvc, q, dO16, kc, vc, gates, lse, Dp, NULL, NULL, NULL, kg2.split_rows, s);
         NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<compressed>");
     }
 
     sel_index si;
     NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, ws, kg.split_pos, &si));
-    NSA_TRY(allow_smem(ctx, bf16_bwd_dkv_kernel<DP, PATH_SLC>, kv_bytes));
-    bf16_bwd_dkv_kernel<DP, PATH_SLC><<<dim3((unsigned)si.max_items, kg.slc_chunks, 1),
-                                        MMA_THREADS, kv_bytes, st>>>(
+    NSA_TRY(allow_smem(ctx, bf16_bwd_dkv_kernel<DP, PATH_SLC, 1>, kv_bytes));
+    bf16_bwd_dkv_kernel<DP, PATH_SLC, 1><<<dim3((unsigned)si.max_items, kg.slc_chunks, 1),
+                                           MMA_THREADS, kv_bytes, st>>>(
         dk, dv, q, dO16, k, v, gates, lse, Dp, si.offsets, si.lists, si.item_start, kg.split_pos,
         s);
     NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<selected>");
