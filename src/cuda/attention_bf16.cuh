@@ -53,6 +53,19 @@ __device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *X, size_t base,
 }
 
 #if NSA_WGMMA
+// d (64 x DP) += A B with A from registers and B a sw128 tile of NB rows read MN-major
+// (k-step ks: rows 16ks .. 16ks + 15 of B).
+template <int DP>
+__device__ __forceinline__ void wgmma_rs_dp(float (&d)[DP / 8][4], const uint32_t (&a)[4],
+                                            const bf16 *B, int ks)
+{
+    if constexpr (DP == 128)
+        wgmma_rs_n128<1>(d, a, desc_mn(B, NB, ks), 1);
+    else
+        wgmma_rs_n64<1>(d, a, desc_mn(B, NB, ks), 1);
+}
+#endif
+
 // load_tile into a sw128 tile of NB rows (wgmma.cuh); dst 1024-byte aligned.
 template <int DP>
 __device__ __forceinline__ void load_tile_sw(bf16 *dst, const bf16 *X, size_t base, size_t stride,
@@ -67,18 +80,92 @@ __device__ __forceinline__ void load_tile_sw(bf16 *dst, const bf16 *X, size_t ba
     }
 }
 
-// d (64 x DP) += A B with A from registers and B a sw128 tile of NB rows read MN-major
-// (k-step ks: rows 16ks .. 16ks + 15 of B).
+// The same products on tiles in the sw128 layout, by warp and mma.sync (the fallback of the
+// warpgroup kernels where wgmma is absent): s (16 x 64) = A B^T, A rows a_row0 .. + 15 of a
+// 64-row sw128 tile, B a 64-row sw128 tile; o (16 x DP) += P B, P the A fragments of the
+// warp's rows over the 64 rows of B.
 template <int DP>
-__device__ __forceinline__ void wgmma_rs_dp(float (&d)[DP / 8][4], const uint32_t (&a)[4],
-                                            const bf16 *B, int ks)
+__device__ __forceinline__ void mma_ss_sw(float (&s)[8][4], const bf16 *At, int a_row0,
+                                          const bf16 *Bt, int lane)
 {
-    if constexpr (DP == 128)
-        wgmma_rs_n128<1>(d, a, desc_mn(B, NB, ks), 1);
-    else
-        wgmma_rs_n64<1>(d, a, desc_mn(B, NB, ks), 1);
+    const unsigned char *A = (const unsigned char *)At, *B = (const unsigned char *)Bt;
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            s[nt][e] = 0.0f;
+    int mi = lane / 8, r = lane % 8;
+#pragma unroll
+    for (int ks = 0; ks < DP / 16; ks++) {
+        uint32_t a[4];
+        ldmatrix_x4(a, A + sw128_off(NB, a_row0 + (mi % 2) * 8 + r, ks * 16 + (mi / 2) * 8));
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            uint32_t b[4];
+            ldmatrix_x4(b, B + sw128_off(NB, 16 * j + (mi / 2) * 8 + r, ks * 16 + (mi % 2) * 8));
+            mma_bf16(s[2 * j], a, b[0], b[1]);
+            mma_bf16(s[2 * j + 1], a, b[2], b[3]);
+        }
+    }
 }
+
+template <int DP>
+__device__ __forceinline__ void mma_pv_sw(float (&o)[DP / 8][4], const uint32_t (&a)[4][4],
+                                          const bf16 *Bt, int lane)
+{
+    const unsigned char *B = (const unsigned char *)Bt;
+    int mi = lane / 8, r = lane % 8;
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int n2 = 0; n2 < DP / 16; n2++) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, B + sw128_off(NB, 16 * j + (mi % 2) * 8 + r, n2 * 16 + (mi / 2) * 8));
+            mma_bf16(o[2 * n2], a[j], b[0], b[1]);
+            mma_bf16(o[2 * n2 + 1], a[j], b[2], b[3]);
+        }
+}
+
+// The products of a warpgroup (4 warps, each its 16 of the 64 rows) on sw128 tiles, by
+// wgmma where the build has it, else by mma.sync:
+//   s1 = A1 B1^T and s2 = A2 B2^T (64 x 64 each; A, B 64-row tiles, K = DP);
+//   o += P B (P: the warp's A fragments over the 64 rows of B, [k-step][4]).
+template <int DP>
+__device__ __forceinline__ void wg_rows_keys2(float (&s1)[8][4], const bf16 *A1, const bf16 *B1,
+                                              float (&s2)[8][4], const bf16 *A2, const bf16 *B2,
+                                              int warp, int lane)
+{
+#if NSA_WGMMA
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < DP / 16; ks++)
+        wgmma_ss_n64(s1, desc_k(A1, NB, ks), desc_k(B1, NB, ks), ks > 0);
+#pragma unroll
+    for (int ks = 0; ks < DP / 16; ks++)
+        wgmma_ss_n64(s2, desc_k(A2, NB, ks), desc_k(B2, NB, ks), ks > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+#else
+    mma_ss_sw<DP>(s1, A1, warp * 16, B1, lane);
+    mma_ss_sw<DP>(s2, A2, warp * 16, B2, lane);
 #endif
+}
+
+template <int DP>
+__device__ __forceinline__ void wg_p_v(float (&o)[DP / 8][4], const uint32_t (&a)[4][4],
+                                       const bf16 *B, int lane)
+{
+#if NSA_WGMMA
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        wgmma_rs_dp<DP>(o, a[j], B, j);
+    wgmma_commit();
+    wgmma_wait<0>();
+#else
+    mma_pv_sw<DP>(o, a, B, lane);
+#endif
+}
 
 // Rounds the dynamic shared memory base up to 1024 bytes (sw128 tiles); the launchers
 // ask for SMEM_ALIGN more bytes.
