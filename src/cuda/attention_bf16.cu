@@ -146,6 +146,149 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
     }
 }
 
+// The same by warpgroups (wgmma on sm_90a, mma.sync on the same tiles otherwise): WG
+// warpgroups of 64 rows each, Q in sw128 shared tiles, key chunks through RST stages shared
+// by the warpgroups. Software-pipelined within a warpgroup as FlashAttention-3 does: the
+// scores of chunk i + 1 run on the tensor cores while O is rescaled and O += P V of chunk i
+// is issued, and the softmax of chunk i + 1 runs while that product does. A chunk's stage
+// is refilled once every warpgroup is past its product (chunks i + 1 .. i + RST - 1 are
+// loaded or in flight).
+#define RST 4
+template <int DP, int WG> static size_t range_wg_smem_bytes()
+{
+    return (WG + 2 * RST) * (size_t)NB * DP * sizeof(bf16) + sizeof(mrows<MB * WG>) + SMEM_ALIGN;
+}
+
+template <int DP, int WG, int PATH>
+__global__ void __launch_bounds__(MMA_THREADS * WG, 1)
+    bf16_range_wg_kernel(float *o_path, float *lse3, const bf16 *q, const bf16 *K, const bf16 *V,
+                         attn_shape s)
+{
+    const int R = MB * WG, TE = NB * DP;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16 *Qs = (bf16 *)smem_aligned(smem_raw), *Ks = Qs + WG * TE, *Vs = Ks + RST * TE;
+    mrows<R> *tr = (mrows<R> *)(Vs + RST * TE);
+    int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+    int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
+    int wg = threadIdx.x / MMA_THREADS, wtid = threadIdx.x % MMA_THREADS;
+    int row0 = wg * NB + warp * 16;
+    mrows_init<R>(tr, s, tile, g, b);
+    __syncthreads();
+    Qs += wg * TE;
+    load_rows_sw<DP, R>(Qs, q, tr, s.d);
+    cp_async_commit();
+    long long first_rg = (long long)tile * R;
+    long long last_rg = min(first_rg + R - 1, (long long)s.Tq * s.hpg - 1);
+    int t_first = s.q_start + (int)(first_rg / s.hpg), t_last = s.q_start + (int)(last_rg / s.hpg);
+    // per row: keys klo .. khi visible (compressed: 0 .. visible - 1; window: t - w + 1 .. t)
+    int klo[2], khi[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        int t = tr->t[row0 + gq + 8 * i];
+        klo[i] = PATH == PATH_CMP ? 0 : t - s.w + 1;
+        khi[i] = PATH == PATH_CMP ? (t < 0 ? 0 : visible_cmp(s, t)) - 1 : t;
+    }
+    int lo = PATH == PATH_CMP ? 0 : max(0, t_first - s.w + 1);
+    int hi = PATH == PATH_CMP ? visible_cmp(s, t_last) : t_last + 1;
+    int nch = (hi - lo + NB - 1) / NB;
+    int Tk = PATH == PATH_CMP ? s.Tc : s.T;
+    size_t stride = (size_t)s.G * s.d, base = (size_t)b * Tk * stride + (size_t)g * s.d;
+    // chunk i into stage i % RST (one commit group each, empty past the end)
+    auto load = [&](int i) {
+        if (i < nch) {
+            int key0 = lo + i * NB, cnt = min(NB, hi - key0);
+            bf16 *Kd = Ks + (i % RST) * TE, *Vd = Vs + (i % RST) * TE;
+            if (WG == 2)
+                load_tile_sw<DP>(wg ? Vd : Kd, wg ? V : K, base, stride, key0, cnt, s.d, wtid);
+            else {
+                load_tile_sw<DP>(Kd, K, base, stride, key0, cnt, s.d, wtid);
+                load_tile_sw<DP>(Vd, V, base, stride, key0, cnt, s.d, wtid);
+            }
+        }
+        cp_async_commit();
+    };
+    const float sl2 = s.scale * LOG2E;
+    fwd_acc<DP, 1> acc;
+    acc.reset();
+    int key0 = lo;
+    auto probs = [&](float (&sc)[8][4], float (&alpha)[2]) { // softmax of the chunk at key0
+        bool full = true;
+#pragma unroll
+        for (int ii = 0; ii < 2; ii++)
+            full = full && klo[ii] <= key0 && khi[ii] >= key0 + NB - 1;
+        if (__all_sync(0xffffffffu, full)) // no mask (most chunks)
+            softmax_probs(sc, acc.m[0], acc.l[0], alpha, sl2, lane, [](int, int) { return true; });
+        else
+            softmax_probs(sc, acc.m[0], acc.l[0], alpha, sl2, lane, [&](int ii, int kk) {
+                return key0 + kk >= klo[ii] && key0 + kk <= khi[ii];
+            });
+    };
+#pragma unroll
+    for (int i = 0; i < RST - 1; i++)
+        load(i);
+    float sc[8][4], alpha[2] = {1.0f, 1.0f};
+    uint32_t a[4][4];
+    if (nch > 0) {
+        cp_async_wait<RST - 2>(); // Q and chunk 0
+        fence_async_smem();
+        __syncthreads();
+        wg_rows_keys_issue<DP>(sc, Qs, Ks, warp, lane);
+        wg_wait<0>();
+        probs(sc, alpha);
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            c_to_a(a[j], sc[2 * j], sc[2 * j + 1]);
+    }
+    for (int i = 0; i < nch; i++) {
+        bool next = i + 1 < nch;
+        // chunk i + 1 in shared memory; every warpgroup past the product of chunk i - 1,
+        // whose stage takes chunk i + RST - 1
+        cp_async_wait<RST - 3>();
+        fence_async_smem();
+        __syncthreads();
+        load(i + RST - 1);
+        // (issued after the last chunk too, on a stale stage, and ignored: a product issued
+        // on every path keeps the compiler from copying its accumulators while it runs)
+        wg_rows_keys_issue<DP>(sc, Qs, Ks + ((i + 1) % RST) * TE, warp, lane);
+        rescale_rows<DP>(acc.o[0], alpha);
+        wg_p_v_issue<DP>(acc.o[0], a, Vs + (i % RST) * TE, lane);
+        wg_wait<1>(); // the scores of chunk i + 1
+        if (next) {
+            key0 = lo + (i + 1) * NB;
+            probs(sc, alpha);
+        }
+        wg_wait<0>(); // O += P V of chunk i: a is free again
+        if (next)
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                c_to_a(a[j], sc[2 * j], sc[2 * j + 1]);
+    }
+    wg_wait<0>();
+    cp_async_wait<0>();
+    float lse[1][2];
+    acc.finish(lse);
+    store_frag_rows<DP>(o_path, tr->t, tr->row, acc.o[0], row0, lane, s.d);
+    if (lse3 && c4 == 0)
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            int r = row0 + gq + 8 * i;
+            if (tr->t[r] >= 0)
+                lse3[(size_t)tr->row[r] * 3 + PATH] = lse[0][i];
+        }
+}
+
+template <int DP, int WG, int PATH>
+static nsa_status range_wg(nsa_context *ctx, const attn_shape &s, float *o_path, float *lse3,
+                           const bf16 *q, const bf16 *K, const bf16 *V)
+{
+    dim3 grid((unsigned)(((long long)s.Tq * s.hpg + WG * MB - 1) / (WG * MB)), s.G, s.B);
+    size_t bytes = range_wg_smem_bytes<DP, WG>();
+    NSA_TRY(allow_smem(ctx, bf16_range_wg_kernel<DP, WG, PATH>, bytes));
+    bf16_range_wg_kernel<DP, WG, PATH><<<grid, WG * MMA_THREADS, bytes, nsa__cuda_stream(ctx)>>>(
+        o_path, lse3, q, K, V, s);
+    return NSA_OK;
+}
+
 // ---------------------------------------------------------------------------------------
 // cmp_attn block scores and top-n, fused: per tile of 64 rows = QT = 64 / hpg whole
 // positions, S = Q Kc^T again, P = exp(S scale - lse) (fp32, the compressed path's lse),
@@ -520,11 +663,18 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
     cudaStream_t st = nsa__cuda_stream(ctx);
     const int R = 64 * MT;
     dim3 grid((unsigned)(((long long)s.Tq * s.hpg + R - 1) / R), s.G, s.B);
+    // compressed and window: warpgroup kernels unless NSA_CUDA_BF16_MT=1
+    int wgk = MT == 2, wg2 = nsa__cuda(ctx)->bf16_wg == 2;
     if (phase == 0) {
         size_t bytes = attn_smem_bytes<DP, R>();
-        NSA_TRY(allow_smem(ctx, bf16_range_kernel<DP, MT, PATH_CMP>, bytes));
-        bf16_range_kernel<DP, MT, PATH_CMP><<<grid, MMA_THREADS, bytes, st>>>(o_cmp, lse3, q, kc,
-                                                                               vc, s);
+        if (wgk)
+            NSA_TRY((wg2 ? range_wg<DP, 2, PATH_CMP> : range_wg<DP, 1, PATH_CMP>)(
+                ctx, s, o_cmp, lse3, q, kc, vc));
+        else {
+            NSA_TRY(allow_smem(ctx, bf16_range_kernel<DP, MT, PATH_CMP>, bytes));
+            bf16_range_kernel<DP, MT, PATH_CMP><<<grid, MMA_THREADS, bytes, st>>>(o_cmp, lse3, q,
+                                                                                   kc, vc, s);
+        }
         NSA_CUDA_LAUNCHED("bf16_range_kernel<compressed>");
         if (fused) {
             size_t sbytes = score_smem_bytes<DP>(s);
@@ -535,9 +685,14 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
         }
     } else {
         size_t bytes = attn_smem_bytes<DP, R>();
-        NSA_TRY(allow_smem(ctx, bf16_range_kernel<DP, MT, PATH_WIN>, bytes));
-        bf16_range_kernel<DP, MT, PATH_WIN><<<grid, MMA_THREADS, bytes, st>>>(o_win, lse3, q, k, v,
-                                                                               s);
+        if (wgk)
+            NSA_TRY((wg2 ? range_wg<DP, 2, PATH_WIN> : range_wg<DP, 1, PATH_WIN>)(
+                ctx, s, o_win, lse3, q, k, v));
+        else {
+            NSA_TRY(allow_smem(ctx, bf16_range_kernel<DP, MT, PATH_WIN>, bytes));
+            bf16_range_kernel<DP, MT, PATH_WIN><<<grid, MMA_THREADS, bytes, st>>>(o_win, lse3, q,
+                                                                                   k, v, s);
+        }
         NSA_CUDA_LAUNCHED("bf16_range_kernel<window>");
         if (s.hpg % 16 == 0 && !nsa__cuda(ctx)->bf16_slc_union) {
             size_t wbytes = slcw_smem_bytes<DP>();

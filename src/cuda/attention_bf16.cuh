@@ -167,6 +167,103 @@ __device__ __forceinline__ void wg_p_v(float (&o)[DP / 8][4], const uint32_t (&a
 #endif
 }
 
+// Issue-only forms for software pipelining (wgmma: committed as one group, not waited;
+// mma.sync: done on return): s = A B^T; o += P B. wg_wait<N>() waits until at most N
+// groups are pending.
+template <int DP>
+__device__ __forceinline__ void wg_rows_keys_issue(float (&s)[8][4], const bf16 *A, const bf16 *B,
+                                                   int warp, int lane)
+{
+#if NSA_WGMMA
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < DP / 16; ks++)
+        wgmma_ss_n64(s, desc_k(A, NB, ks), desc_k(B, NB, ks), ks > 0);
+    wgmma_commit();
+#else
+    mma_ss_sw<DP>(s, A, warp * 16, B, lane);
+#endif
+}
+
+template <int DP>
+__device__ __forceinline__ void wg_p_v_issue(float (&o)[DP / 8][4], const uint32_t (&a)[4][4],
+                                             const bf16 *B, int lane)
+{
+#if NSA_WGMMA
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        wgmma_rs_dp<DP>(o, a[j], B, j);
+    wgmma_commit();
+#else
+    mma_pv_sw<DP>(o, a, B, lane);
+#endif
+}
+
+template <int N> __device__ __forceinline__ void wg_wait()
+{
+#if NSA_WGMMA
+    wgmma_wait<N>();
+#endif
+}
+
+// s = A B^T alone (as wg_rows_keys2).
+template <int DP>
+__device__ __forceinline__ void wg_rows_keys(float (&s)[8][4], const bf16 *A, const bf16 *B,
+                                             int warp, int lane)
+{
+#if NSA_WGMMA
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < DP / 16; ks++)
+        wgmma_ss_n64(s, desc_k(A, NB, ks), desc_k(B, NB, ks), ks > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+#else
+    mma_ss_sw<DP>(s, A, warp * 16, B, lane);
+#endif
+}
+
+// The key chunks of the warpgroup kernels through two stages of sw128 tiles (Ks, Vs: two
+// 64-row tiles each) by the WG warpgroups: where(i, K, V, base, key0, cnt) names chunk i
+// (rows key0 .. key0 + cnt - 1 at base + key * stride of K and V); body(i, Kt, Vt) runs on
+// every thread once chunk i is in shared memory. With WG = 2 each warpgroup loads one of
+// the two tiles. Callers commit their own earlier copies (they complete with chunk 0).
+template <int DP, int WG, class Where, class Body>
+__device__ __forceinline__ void wg_stream(bf16 *Ks, bf16 *Vs, size_t stride, int d, int nch,
+                                          Where where, Body body)
+{
+    const int TE = NB * DP;
+    int wg = threadIdx.x / MMA_THREADS, wtid = threadIdx.x % MMA_THREADS;
+    auto load = [&](int i) {
+        const bf16 *K, *V;
+        size_t base;
+        int key0, cnt;
+        where(i, K, V, base, key0, cnt);
+        bf16 *Kd = Ks + (i & 1) * TE, *Vd = Vs + (i & 1) * TE;
+        if (WG == 2)
+            load_tile_sw<DP>(wg ? Vd : Kd, wg ? V : K, base, stride, key0, cnt, d, wtid);
+        else {
+            load_tile_sw<DP>(Kd, K, base, stride, key0, cnt, d, wtid);
+            load_tile_sw<DP>(Vd, V, base, stride, key0, cnt, d, wtid);
+        }
+    };
+    if (nch > 0)
+        load(0);
+    cp_async_commit();
+    for (int i = 0; i < nch; i++) {
+        if (i + 1 < nch)
+            load(i + 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        fence_async_smem();
+        __syncthreads();
+        body(i, Ks + (i & 1) * TE, Vs + (i & 1) * TE);
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+}
+
 // Rounds the dynamic shared memory base up to 1024 bytes (sw128 tiles); the launchers
 // ask for SMEM_ALIGN more bytes.
 #define SMEM_ALIGN 1024
@@ -204,6 +301,20 @@ __device__ __forceinline__ void load_row_tile(bf16 *dst, const bf16 *X, const mr
         bool ok = tr->t[r] >= 0 && c < d;
         const bf16 *src = ok ? X + (size_t)tr->row[r] * d + c : X;
         cp_async16(dst + r * mcfg<DP>::LD + c, src, ok ? 16 : 0);
+    }
+}
+
+// The warpgroup's 64 rows (wg * 64 .. of the tile tr) of X [rows, d] into a sw128 tile.
+template <int DP, int R>
+__device__ __forceinline__ void load_rows_sw(bf16 *dst, const bf16 *X, const mrows<R> *tr, int d)
+{
+    const int CH = DP / 8;
+    int wg = threadIdx.x / MMA_THREADS;
+    for (int e = threadIdx.x % MMA_THREADS; e < NB * CH; e += MMA_THREADS) {
+        int r = e / CH, c = (e % CH) * 8, rr = wg * NB + r;
+        bool ok = tr->t[rr] >= 0 && c < d;
+        cp_async16((unsigned char *)dst + sw128_off(NB, r, c),
+                   ok ? X + (size_t)tr->row[rr] * d + c : X, ok ? 16 : 0);
     }
 }
 
@@ -328,9 +439,9 @@ __device__ __forceinline__ void stream_chunks(bf16 *Ks, bf16 *Vs, const bf16 *K,
 // The online-softmax update of a warp's rows g and g + 8 for one chunk of scores s (C
 // fragments; m in log2 units): masks by ok(i, kk), scales by sl2, turns s into the
 // probabilities (relative to the new max) and rescales l and o.
-template <int DP, int KT = NB, class Ok>
-__device__ __forceinline__ void softmax_update(float (&s)[KT / 8][4], float (&m)[2], float (&l)[2],
-                                               float (&o)[DP / 8][4], float sl2, int lane, Ok ok)
+template <int KT = NB, class Ok>
+__device__ __forceinline__ void softmax_probs(float (&s)[KT / 8][4], float (&m)[2], float (&l)[2],
+                                              float (&alpha)[2], float sl2, int lane, Ok ok)
 {
     int c = lane % 4;
     float mx[2] = {-INFINITY, -INFINITY};
@@ -346,7 +457,7 @@ __device__ __forceinline__ void softmax_update(float (&s)[KT / 8][4], float (&m)
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         float m_new = fmaxf(m[i], quad_max(mx[i]));
-        float alpha = m_new == -INFINITY ? 1.0f : ex2_approx(m[i] - m_new);
+        alpha[i] = m_new == -INFINITY ? 1.0f : ex2_approx(m[i] - m_new);
         float base = m_new == -INFINITY ? 0.0f : m_new;
         float rs = 0.0f;
 #pragma unroll
@@ -356,14 +467,32 @@ __device__ __forceinline__ void softmax_update(float (&s)[KT / 8][4], float (&m)
             s[nt][2 * i + 1] = p1;
             rs += p0 + p1;
         }
-        l[i] = l[i] * alpha + quad_sum(rs);
+        l[i] = l[i] * alpha[i] + quad_sum(rs);
         m[i] = m_new;
-#pragma unroll
-        for (int nt = 0; nt < DP / 8; nt++) {
-            o[nt][2 * i] *= alpha;
-            o[nt][2 * i + 1] *= alpha;
-        }
     }
+}
+
+// o's rows g and g + 8 times alpha[0], alpha[1].
+template <int DP>
+__device__ __forceinline__ void rescale_rows(float (&o)[DP / 8][4], const float (&alpha)[2])
+{
+#pragma unroll
+    for (int nt = 0; nt < DP / 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            o[nt][e] *= alpha[e / 2];
+}
+
+// The online-softmax update of a warp's rows g and g + 8 for one chunk of scores s (C
+// fragments; m in log2 units): masks by ok(i, kk), scales by sl2, turns s into the
+// probabilities (relative to the new max) and rescales l and o.
+template <int DP, int KT = NB, class Ok>
+__device__ __forceinline__ void softmax_update(float (&s)[KT / 8][4], float (&m)[2], float (&l)[2],
+                                               float (&o)[DP / 8][4], float sl2, int lane, Ok ok)
+{
+    float alpha[2];
+    softmax_probs<KT>(s, m, l, alpha, sl2, lane, ok);
+    rescale_rows<DP>(o, alpha);
 }
 
 // One chunk of KT keys of the forward for a warp's 16 rows with Q in registers (qf): scores, mask

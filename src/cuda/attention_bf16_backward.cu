@@ -207,24 +207,19 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
                           const bf16 *vc, const bf16 *dO16, const float *gates, const float *lse3,
                           const float *Dp, attn_shape s)
 {
-    const int R = MB * WG, TE = NB * DP, CH = DP / 8;
+    const int R = MB * WG, TE = NB * DP;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16 *Qs = (bf16 *)smem_aligned(smem_raw), *Os = Qs + WG * TE, *Ks = Os + WG * TE;
     bf16 *Vs = Ks + 2 * TE;
     mrows<R> *tr = (mrows<R> *)(Vs + 2 * TE);
     int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
     int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
-    int wg = threadIdx.x / MMA_THREADS, wtid = threadIdx.x % MMA_THREADS;
+    int wg = threadIdx.x / MMA_THREADS;
     mrows_init<R>(tr, s, tile, g, b);
     __syncthreads();
     Qs += wg * TE, Os += wg * TE; // this warpgroup's rows wg * 64 ..
-    for (int e = wtid; e < NB * CH; e += MMA_THREADS) {
-        int r = e / CH, c = (e % CH) * 8, rr = wg * NB + r;
-        bool ok = tr->t[rr] >= 0 && c < s.d;
-        size_t at = ok ? (size_t)tr->row[rr] * s.d + c : 0;
-        cp_async16((unsigned char *)Qs + sw128_off(NB, r, c), q + at, ok ? 16 : 0);
-        cp_async16((unsigned char *)Os + sw128_off(NB, r, c), dO16 + at, ok ? 16 : 0);
-    }
+    load_rows_sw<DP, R>(Qs, q, tr, s.d);
+    load_rows_sw<DP, R>(Os, dO16, tr, s.d);
     cp_async_commit();
 
     long long first_rg = (long long)tile * R;
@@ -246,20 +241,6 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
     size_t stride = (size_t)s.G * s.d;
     size_t cbase = (size_t)b * s.Tc * stride + (size_t)g * s.d;
     size_t wbase = (size_t)b * s.T * stride + (size_t)g * s.d;
-    auto load = [&](int i) {
-        bool cmp = i < ncc;
-        int key0 = cmp ? i * NB : lo + (i - ncc) * NB;
-        int cnt = min(NB, cmp ? nc_max - key0 : t_last + 1 - key0);
-        const bf16 *K = cmp ? kc : k, *V = cmp ? vc : v;
-        size_t base = cmp ? cbase : wbase;
-        bf16 *Kd = Ks + (i & 1) * TE, *Vd = Vs + (i & 1) * TE;
-        if (WG == 2) // one warpgroup a tile
-            load_tile_sw<DP>(wg ? Vd : Kd, wg ? V : K, base, stride, key0, cnt, s.d, wtid);
-        else {
-            load_tile_sw<DP>(Kd, K, base, stride, key0, cnt, s.d, wtid);
-            load_tile_sw<DP>(Vd, V, base, stride, key0, cnt, s.d, wtid);
-        }
-    };
     const float sl2 = s.scale * LOG2E;
     float acc[DP / 8][4];
 #pragma unroll
@@ -267,71 +248,83 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
 #pragma unroll
         for (int e = 0; e < 4; e++)
             acc[nt][e] = 0.0f;
-    if (nch > 0)
-        load(0);
-    cp_async_commit();
-    for (int i = 0; i < nch; i++) {
-        if (i + 1 < nch)
-            load(i + 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-        fence_async_smem();
-        __syncthreads();
-        const bf16 *Kt = Ks + (i & 1) * TE, *Vt = Vs + (i & 1) * TE;
-        float sc[8][4], dp[8][4];
-        wg_rows_keys2<DP>(sc, Qs, Kt, dp, Os, Vt, warp, lane);
-        bool cmp = i < ncc;
-        int key0 = cmp ? i * NB : lo + (i - ncc) * NB;
-        path_rows p; // the chunk's path, by selects (no indexed local array)
+    auto key0_of = [&](int i) { return i < ncc ? i * NB : lo + (i - ncc) * NB; };
+    wg_stream<DP, WG>(
+        Ks, Vs, stride, s.d, nch,
+        [&](int i, const bf16 *&K, const bf16 *&V, size_t &base, int &key0, int &cnt) {
+            bool cmp = i < ncc;
+            key0 = key0_of(i);
+            cnt = min(NB, cmp ? nc_max - key0 : t_last + 1 - key0);
+            K = cmp ? kc : k, V = cmp ? vc : v, base = cmp ? cbase : wbase;
+        },
+        [&](int i, const bf16 *Kt, const bf16 *Vt) {
+            float sc[8][4], dp[8][4];
+            wg_rows_keys2<DP>(sc, Qs, Kt, dp, Os, Vt, warp, lane);
+            bool cmp = i < ncc;
+            int key0 = key0_of(i);
+            path_rows p; // the chunk's path, by selects (no indexed local array)
 #pragma unroll
-        for (int ii = 0; ii < 2; ii++) {
-            p.lse2[ii] = cmp ? prc.lse2[ii] : prw.lse2[ii];
-            p.gate[ii] = cmp ? prc.gate[ii] : prw.gate[ii];
-            p.D[ii] = cmp ? prc.D[ii] : prw.D[ii];
-        }
-        // key kk of the chunk for row i: compressed kk < lim[i] - key0; window
-        // 0 <= t - (key0 + kk) < w, i.e. kk in [t - w + 1 - key0, t - key0]
-        int klo[2], khi[2];
+            for (int ii = 0; ii < 2; ii++) {
+                p.lse2[ii] = cmp ? prc.lse2[ii] : prw.lse2[ii];
+                p.gate[ii] = cmp ? prc.gate[ii] : prw.gate[ii];
+                p.D[ii] = cmp ? prc.D[ii] : prw.D[ii];
+            }
+            // key kk of the chunk for row i: compressed kk < lim[i] - key0; window
+            // 0 <= t - (key0 + kk) < w, i.e. kk in [t - w + 1 - key0, t - key0]
+            int klo[2], khi[2];
 #pragma unroll
-        for (int ii = 0; ii < 2; ii++) {
-            klo[ii] = cmp ? 0 : trow[ii] - s.w + 1 - key0;
-            khi[ii] = cmp ? vis[ii] - 1 - key0 : trow[ii] - key0;
-        }
-        bool full = klo[0] <= 0 && klo[1] <= 0 && khi[0] >= NB - 1 && khi[1] >= NB - 1;
-        uint32_t a[4][4];
-        if (__all_sync(0xffffffffu, full)) {
+            for (int ii = 0; ii < 2; ii++) {
+                klo[ii] = cmp ? 0 : trow[ii] - s.w + 1 - key0;
+                khi[ii] = cmp ? vis[ii] - 1 - key0 : trow[ii] - key0;
+            }
+            bool full = klo[0] <= 0 && klo[1] <= 0 && khi[0] >= NB - 1 && khi[1] >= NB - 1;
+            uint32_t a[4][4];
+            if (__all_sync(0xffffffffu, full)) {
 #pragma unroll
-            for (int nt = 0; nt < 8; nt++)
+                for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int ii = e / 2;
-                    float pp = ex2_approx(sc[nt][e] * sl2 - p.lse2[ii]);
-                    sc[nt][e] = pp * (p.gate[ii] * dp[nt][e] - p.D[ii]);
-                }
-        } else {
+                    for (int e = 0; e < 4; e++) {
+                        int ii = e / 2;
+                        float pp = ex2_approx(sc[nt][e] * sl2 - p.lse2[ii]);
+                        sc[nt][e] = pp * (p.gate[ii] * dp[nt][e] - p.D[ii]);
+                    }
+            } else {
 #pragma unroll
-            for (int nt = 0; nt < 8; nt++)
+                for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int ii = e / 2, kk = nt * 8 + 2 * c4 + (e & 1);
-                    bool ok = kk >= klo[ii] && kk <= khi[ii];
-                    float pp = ok ? ex2_approx(sc[nt][e] * sl2 - p.lse2[ii]) : 0.0f;
-                    sc[nt][e] = pp * (p.gate[ii] * dp[nt][e] - p.D[ii]);
-                }
-        }
+                    for (int e = 0; e < 4; e++) {
+                        int ii = e / 2, kk = nt * 8 + 2 * c4 + (e & 1);
+                        bool ok = kk >= klo[ii] && kk <= khi[ii];
+                        float pp = ok ? ex2_approx(sc[nt][e] * sl2 - p.lse2[ii]) : 0.0f;
+                        sc[nt][e] = pp * (p.gate[ii] * dp[nt][e] - p.D[ii]);
+                    }
+            }
 #pragma unroll
-        for (int j = 0; j < 4; j++)
-            c_to_a(a[j], sc[2 * j], sc[2 * j + 1]);
-        wg_p_v<DP>(acc, a, Kt, lane); // dQ += dS K: K's rows play V's part
-        __syncthreads();
-    }
-    cp_async_wait<0>();
+            for (int j = 0; j < 4; j++)
+                c_to_a(a[j], sc[2 * j], sc[2 * j + 1]);
+            wg_p_v<DP>(acc, a, Kt, lane); // dQ += dS K: K's rows play V's part
+        });
 #pragma unroll
     for (int nt = 0; nt < DP / 8; nt++)
 #pragma unroll
         for (int e = 0; e < 4; e++)
             acc[nt][e] *= s.scale;
     store_frag_rows<DP>(dq, tr->t, tr->row, acc, wg * NB + warp * 16, lane, s.d);
+}
+
+template <int DP, int WG>
+static nsa_status dq_wg(nsa_context *ctx, const attn_shape &s, float *dq, const bf16 *q,
+                        const bf16 *k, const bf16 *v, const bf16 *kc, const bf16 *vc,
+                        const bf16 *dO16, const float *gates, const float *lse, const float *Dp)
+{
+    long long tiles = ((long long)s.T * s.hpg + WG * MB - 1) / (WG * MB);
+    size_t bytes = dq_wg_smem_bytes<DP, WG>();
+    NSA_TRY(allow_smem(ctx, bf16_bwd_dq_wg_kernel<DP, WG>, bytes));
+    bf16_bwd_dq_wg_kernel<DP, WG><<<dim3((unsigned)tiles, s.G, s.B), WG * MMA_THREADS, bytes,
+                                    nsa__cuda_stream(ctx)>>>(dq, q, k, v, kc, vc, dO16, gates, lse,
+                                                             Dp, s);
+    NSA_CUDA_LAUNCHED("bf16_bwd_dq_wg_kernel");
+    return NSA_OK;
 }
 
 // dq of the selected path when H/G is a multiple of 16, added (+=) to what bf16_bwd_dq wrote:
@@ -612,12 +605,8 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
             dq, q, k, v, kc, vc, dO16, gates, lse, Dp, idx, 1, s);
         NSA_CUDA_LAUNCHED("bf16_bwd_dq_kernel");
     } else {
-        long long tiles2 = ((long long)s.T * s.hpg + 2 * MB - 1) / (2 * MB);
-        size_t bytes2 = dq_wg_smem_bytes<DP, 2>();
-        NSA_TRY(allow_smem(ctx, bf16_bwd_dq_wg_kernel<DP, 2>, bytes2));
-        bf16_bwd_dq_wg_kernel<DP, 2><<<dim3((unsigned)tiles2, s.G, s.B), 2 * MMA_THREADS, bytes2,
-                                       st>>>(dq, q, k, v, kc, vc, dO16, gates, lse, Dp, s);
-        NSA_CUDA_LAUNCHED("bf16_bwd_dq_wg_kernel");
+        auto launch = nsa__cuda(ctx)->bf16_wg == 2 ? dq_wg<DP, 2> : dq_wg<DP, 1>;
+        NSA_TRY(launch(ctx, s, dq, q, k, v, kc, vc, dO16, gates, lse, Dp));
     }
     if (warp_slc) {
         size_t wbytes = slcw_smem_bytes<DP>();

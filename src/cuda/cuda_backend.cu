@@ -338,6 +338,9 @@ extern "C" nsa_status nsa__cuda_backend_init(nsa_context *ctx, int num_threads)
         // A tuning switch: NSA_CUDA_BF16_MT=1 runs the bf16 forward with 16 rows per warp.
         const char *mt = getenv("NSA_CUDA_BF16_MT");
         s->bf16_mt = mt && strcmp(mt, "1") == 0 ? 1 : 2;
+        // NSA_CUDA_BF16_WG=1: the warpgroup kernels with one warpgroup (64 rows) a block
+        const char *wg = getenv("NSA_CUDA_BF16_WG");
+        s->bf16_wg = wg && strcmp(wg, "1") == 0 ? 1 : 2;
         const char *slc = getenv("NSA_CUDA_BF16_SLC");
         s->bf16_slc_union = slc && strcmp(slc, "union") == 0;
     }
