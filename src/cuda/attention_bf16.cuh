@@ -66,17 +66,22 @@ __device__ __forceinline__ void wgmma_rs_dp(float (&d)[DP / 8][4], const uint32_
 }
 #endif
 
-// load_tile into a sw128 tile of NB rows (wgmma.cuh); dst 1024-byte aligned.
+// load_tile into a sw128 tile of NB rows (wgmma.cuh); dst 1024-byte aligned. Thread tid
+// copies chunk column c = tid % CH of rows tid / CH + j * (128 / CH): its swizzled offset
+// moves by a constant per row step (row % 8 stays), so each copy costs two additions.
 template <int DP>
 __device__ __forceinline__ void load_tile_sw(bf16 *dst, const bf16 *X, size_t base, size_t stride,
                                              int key0, int cnt, int d, int tid = threadIdx.x)
 {
-    const int CH = DP / 8;
-    for (int e = tid; e < NB * CH; e += MMA_THREADS) {
-        int kk = e / CH, c = (e % CH) * 8;
-        bool ok = kk < cnt && c < d;
-        const bf16 *src = ok ? X + base + (size_t)(key0 + kk) * stride + c : X;
-        cp_async16((unsigned char *)dst + sw128_off(NB, kk, c), src, ok ? 16 : 0);
+    const int CH = DP / 8, RS = MMA_THREADS / CH; // rows a pass
+    int r0 = tid / CH, c = (tid % CH) * 8;
+    unsigned char *to = (unsigned char *)dst + sw128_off(NB, r0, c);
+    const bf16 *from = X + base + (size_t)(key0 + r0) * stride + c;
+    bool col_ok = c < d;
+#pragma unroll
+    for (int j = 0; j < NB / RS; j++) {
+        bool ok = col_ok && r0 + j * RS < cnt;
+        cp_async16(to + j * RS * 128, ok ? from + (size_t)j * RS * stride : X, ok ? 16 : 0);
     }
 }
 
@@ -444,25 +449,26 @@ __device__ __forceinline__ void softmax_probs(float (&s)[KT / 8][4], float (&m)[
                                               float (&alpha)[2], float sl2, int lane, Ok ok)
 {
     int c = lane % 4;
-    float mx[2] = {-INFINITY, -INFINITY};
+    float mx[2] = {-INFINITY, -INFINITY}; // of the raw scores (sl2 > 0 keeps the order)
 #pragma unroll
     for (int nt = 0; nt < KT / 8; nt++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             int i = e / 2, kk = nt * 8 + 2 * c + (e & 1);
-            float x = ok(i, kk) ? s[nt][e] * sl2 : -INFINITY;
+            float x = ok(i, kk) ? s[nt][e] : -INFINITY;
             s[nt][e] = x;
             mx[i] = fmaxf(mx[i], x);
         }
 #pragma unroll
     for (int i = 0; i < 2; i++) {
-        float m_new = fmaxf(m[i], quad_max(mx[i]));
+        float m_new = fmaxf(m[i], quad_max(mx[i]) * sl2);
         alpha[i] = m_new == -INFINITY ? 1.0f : ex2_approx(m[i] - m_new);
         float base = m_new == -INFINITY ? 0.0f : m_new;
         float rs = 0.0f;
 #pragma unroll
         for (int nt = 0; nt < KT / 8; nt++) {
-            float p0 = ex2_approx(s[nt][2 * i] - base), p1 = ex2_approx(s[nt][2 * i + 1] - base);
+            float p0 = ex2_approx(fmaf(s[nt][2 * i], sl2, -base));
+            float p1 = ex2_approx(fmaf(s[nt][2 * i + 1], sl2, -base));
             s[nt][2 * i] = p0;
             s[nt][2 * i + 1] = p1;
             rs += p0 + p1;

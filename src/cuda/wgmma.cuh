@@ -51,15 +51,17 @@ static __device__ __forceinline__ uint64_t gmma_desc(uint32_t a, uint32_t lbo)
 }
 
 // K-major operand: rows of the tile are M (or N), k-step ks covers columns 16ks .. 16ks + 15.
+// The address field holds (address >> 4) in 14 bits and shared addresses stay below 256 KiB,
+// so an offset adds to the descriptor of the tile's start (constants in unrolled loops).
 static __device__ __forceinline__ uint64_t desc_k(const void *tile, int R, int ks)
 {
-    return gmma_desc(smem_addr(tile) + (ks >> 2) * R * 128 + (ks & 3) * 32, 16);
+    return gmma_desc(smem_addr(tile), 16) + (uint64_t)(((ks >> 2) * R * 128 + (ks & 3) * 32) >> 4);
 }
 
 // MN-major operand: rows of the tile are K, k-step ks covers rows 16ks .. 16ks + 15.
 static __device__ __forceinline__ uint64_t desc_mn(const void *tile, int R, int ks)
 {
-    return gmma_desc(smem_addr(tile) + ks * 2048, (uint32_t)R * 128);
+    return gmma_desc(smem_addr(tile), (uint32_t)R * 128) + (uint64_t)(ks * 2048 >> 4);
 }
 
 static __device__ __forceinline__ void fence_async_smem()
