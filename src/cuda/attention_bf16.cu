@@ -311,7 +311,7 @@ template <int HALF, int BIT> static __device__ __forceinline__ void halve_sum(fl
 template <int DP> static size_t score_smem_bytes(const attn_shape &s)
 {
     int QT = MB / s.hpg, slots = QT > 4 ? QT : 4;
-    return 2 * mcfg<DP>::TILE + sizeof(mrows<MB>) + (size_t)QT * s.nb * sizeof(float) +
+    return 3 * (size_t)NB * DP * sizeof(bf16) + SMEM_ALIGN + sizeof(mrows<MB>) + (size_t)QT * s.nb * sizeof(float) +
            4 * (size_t)s.n * sizeof(int) + (size_t)slots * NB * sizeof(float);
 }
 
@@ -319,11 +319,11 @@ template <int DP>
 __global__ void __launch_bounds__(MMA_THREADS, 4)
     bf16_score_kernel(int32_t *idx, const float *lse3, const bf16 *q, const bf16 *kc, attn_shape s)
 {
-    const int LD = mcfg<DP>::LD;
+    const int TE = NB * DP;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    // Q passes through the first K stage into registers
-    bf16 *Qs = (bf16 *)smem_raw, *Ks = Qs;
-    mrows<MB> *tr = (mrows<MB> *)(Ks + 2 * NB * LD);
+    // Q and two stages of compressed keys, sw128 tiles (S = Q Kc^T by wg_rows_keys)
+    bf16 *Qs = (bf16 *)smem_aligned(smem_raw), *Ks = Qs + TE;
+    mrows<MB> *tr = (mrows<MB> *)(Ks + 2 * TE);
     int QT = MB / s.hpg;
     float *score = (float *)(tr + 1);
     int *tmp = (int *)(score + (size_t)QT * s.nb);
@@ -338,13 +338,8 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
     for (int e = threadIdx.x; e < QT * s.nb; e += MMA_THREADS)
         score[e] = 0.0f;
     __syncthreads();
-    load_row_tile<DP, MB>(Qs, q, tr, s.d);
+    load_rows_sw<DP, MB>(Qs, q, tr, s.d);
     cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    uint32_t qf[DP / 16][4];
-    load_a_frags<DP>(qf, Qs, warp, lane);
-    __syncthreads(); // before the stages are refilled
     long long last_rg = min((long long)tile * MB + MB - 1, (long long)s.Tq * s.hpg - 1);
     int nc_max = visible_cmp(s, s.q_start + (int)(last_rg / s.hpg));
     int vis[2];
@@ -371,15 +366,17 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
     int tq_lane = tq0 + p_first + lane;
     int ncand_lane = fast && lane < p_per_warp && tq_lane < s.Tq
                          ? num_candidates(s, s.q_start + tq_lane) : 0;
-    stream_chunks<DP>(
-        Ks, NULL, kc, NULL, base, stride, s.d, (nc_max + NB - 1) / NB,
-        [&](int i, int &key0, int &cnt) {
+    wg_stream<DP, 1>(
+        Ks, Ks, stride, s.d, (nc_max + NB - 1) / NB,
+        [&](int i, const bf16 *&K, const bf16 *&V, size_t &bs, int &key0, int &cnt) {
             key0 = i * NB;
             cnt = min(NB, nc_max - key0);
+            K = kc, V = NULL, bs = base;
         },
-        [&](int, int j0, int cnt, const bf16 *Kt, const bf16 *) {
+        [&](int i, const bf16 *Kt, const bf16 *) {
+            int j0 = i * NB, cnt = min(NB, nc_max - j0);
             float sc[8][4];
-            mma_rows_keys<DP>(sc, qf, Kt, lane);
+            wg_rows_keys<DP>(sc, Qs, Kt, warp, lane);
             if (wide) {
                 // a[2 nt + e]: token nt * 8 + 2 c4 + e summed over the thread's rows g, g + 8
                 float a[16];

@@ -233,7 +233,8 @@ __device__ __forceinline__ void wg_rows_keys(float (&s)[8][4], const bf16 *A, co
 // 64-row tiles each) by the WG warpgroups: where(i, K, V, base, key0, cnt) names chunk i
 // (rows key0 .. key0 + cnt - 1 at base + key * stride of K and V); body(i, Kt, Vt) runs on
 // every thread once chunk i is in shared memory. With WG = 2 each warpgroup loads one of
-// the two tiles. Callers commit their own earlier copies (they complete with chunk 0).
+// the two tiles; V = NULL: K alone (Vs unused). Callers commit their own earlier copies
+// (they complete with chunk 0).
 template <int DP, int WG, class Where, class Body>
 __device__ __forceinline__ void wg_stream(bf16 *Ks, bf16 *Vs, size_t stride, int d, int nch,
                                           Where where, Body body)
@@ -246,11 +247,12 @@ __device__ __forceinline__ void wg_stream(bf16 *Ks, bf16 *Vs, size_t stride, int
         int key0, cnt;
         where(i, K, V, base, key0, cnt);
         bf16 *Kd = Ks + (i & 1) * TE, *Vd = Vs + (i & 1) * TE;
-        if (WG == 2)
+        if (WG == 2 && V)
             load_tile_sw<DP>(wg ? Vd : Kd, wg ? V : K, base, stride, key0, cnt, d, wtid);
-        else {
+        else if (wg == 0) {
             load_tile_sw<DP>(Kd, K, base, stride, key0, cnt, d, wtid);
-            load_tile_sw<DP>(Vd, V, base, stride, key0, cnt, d, wtid);
+            if (V)
+                load_tile_sw<DP>(Vd, V, base, stride, key0, cnt, d, wtid);
         }
     };
     if (nch > 0)

@@ -521,21 +521,26 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
         mma_rows_keys_sa<DP>(st, Ks, warp * 16, Qt, lane);  // S^T: keys x rows
         mma_rows_keys_sa<DP>(dpt, Vs, warp * 16, Ot, lane); // dP^T
 #endif
+        auto grads = [&](auto ok) {
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++)
+            for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                float4 m = ms[nt * 8 + 2 * c4 + h];
-                int t = __float_as_int(m.x);
+                for (int h = 0; h < 2; h++) {
+                    float4 m = ms[nt * 8 + 2 * c4 + h];
+                    int t = __float_as_int(m.x);
 #pragma unroll
-                for (int i = 0; i < 2; i++) {
-                    int e = 2 * i + h;
-                    bool ok = t >= tmin[i] && (unsigned)(t - tmin[i]) < span[i];
-                    float p = ok ? ex2_approx(st[nt][e] * sl2 - m.y) : 0.0f;
-                    st[nt][e] = p * m.z;                       // dV += (gate P)^T dO
-                    dpt[nt][e] = p * (m.z * dpt[nt][e] - m.w); // dK += dS^T Q
+                    for (int i = 0; i < 2; i++) {
+                        int e = 2 * i + h;
+                        float p = ok(i, t) ? ex2_approx(st[nt][e] * sl2 - m.y) : 0.0f;
+                        st[nt][e] = p * m.z;                       // dV += (gate P)^T dO
+                        dpt[nt][e] = p * (m.z * dpt[nt][e] - m.w); // dK += dS^T Q
+                    }
                 }
-            }
+        };
+        // (an unmasked copy for steps every row sees whole measured slower: spills)
+        grads([&](int i, int t) {
+            return t >= tmin[i] && (PATH != PATH_WIN || (unsigned)(t - tmin[i]) < span[i]);
+        });
 #if NSA_WGMMA
         wgmma_fence();
 #pragma unroll
