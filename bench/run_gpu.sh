@@ -45,7 +45,7 @@ grep -iE "warning" "$OUT/build.log" | head -n 20
 echo "built in $(( $(date +%s) - start )) s"
 
 if [ "$what" = all ] || [ "$what" = test ]; then
-    for t in ${TESTS:-test_cuda test_cuda_bf16}; do
+    for t in ${TESTS:-test_wgmma test_cuda test_cuda_bf16}; do
         echo "== $t"
         start=$(date +%s)
         build/cuda/$t >"$OUT/$t.log" 2>&1 || status=1
