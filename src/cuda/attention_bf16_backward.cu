@@ -507,21 +507,8 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
         const bf16 *Qt = Qs + stg * TE, *Ot = Os + stg * TE;
         const float4 *ms = meta_s + stg * MB;
         float st[8][4], dpt[8][4];
-#if NSA_WGMMA
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < DP / 16; ks++) // S^T: keys x rows
-            wgmma_ss_n64(st, desc_k(Ks, NB, ks), desc_k(Qt, NB, ks), ks > 0);
-#pragma unroll
-        for (int ks = 0; ks < DP / 16; ks++) // dP^T
-            wgmma_ss_n64(dpt, desc_k(Vs, NB, ks), desc_k(Ot, NB, ks), ks > 0);
-        wgmma_commit();
-        wgmma_wait<0>();
-#else
-        mma_rows_keys_sa<DP>(st, Ks, warp * 16, Qt, lane);  // S^T: keys x rows
-        mma_rows_keys_sa<DP>(dpt, Vs, warp * 16, Ot, lane); // dP^T
-#endif
-        auto grads = [&](auto ok) {
+        // P = exp(S - lse) masked, in st (on sm_90a while dP^T still runs on the tensor cores)
+        auto probs = [&]() {
 #pragma unroll
             for (int nt = 0; nt < 8; nt++)
 #pragma unroll
@@ -530,18 +517,41 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
                     int t = __float_as_int(m.x);
 #pragma unroll
                     for (int i = 0; i < 2; i++) {
-                        int e = 2 * i + h;
-                        float p = ok(i, t) ? ex2_approx(st[nt][e] * sl2 - m.y) : 0.0f;
-                        st[nt][e] = p * m.z;                       // dV += (gate P)^T dO
-                        dpt[nt][e] = p * (m.z * dpt[nt][e] - m.w); // dK += dS^T Q
+                        bool ok = t >= tmin[i] &&
+                                  (PATH != PATH_WIN || (unsigned)(t - tmin[i]) < span[i]);
+                        st[nt][2 * i + h] = ok ? ex2_approx(st[nt][2 * i + h] * sl2 - m.y) : 0.0f;
                     }
                 }
         };
-        // (an unmasked copy for steps every row sees whole measured slower: spills)
-        grads([&](int i, int t) {
-            return t >= tmin[i] && (PATH != PATH_WIN || (unsigned)(t - tmin[i]) < span[i]);
-        });
+        // dS = P (gate dP - D) into dpt, gate P into st
+        auto grads = [&]() {
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    float4 m = ms[nt * 8 + 2 * c4 + h];
+#pragma unroll
+                    for (int i = 0; i < 2; i++) {
+                        int e = 2 * i + h;
+                        dpt[nt][e] = st[nt][e] * (m.z * dpt[nt][e] - m.w); // dK += dS^T Q
+                        st[nt][e] *= m.z;                                  // dV += (gate P)^T dO
+                    }
+                }
+        };
 #if NSA_WGMMA
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < DP / 16; ks++) // S^T: keys x rows
+            wgmma_ss_n64(st, desc_k(Ks, NB, ks), desc_k(Qt, NB, ks), ks > 0);
+        wgmma_commit();
+#pragma unroll
+        for (int ks = 0; ks < DP / 16; ks++) // dP^T
+            wgmma_ss_n64(dpt, desc_k(Vs, NB, ks), desc_k(Ot, NB, ks), ks > 0);
+        wgmma_commit();
+        wgmma_wait<1>();
+        probs();
+        wgmma_wait<0>();
+        grads();
         wgmma_fence();
 #pragma unroll
         for (int j = 0; j < 4; j++) {
@@ -558,6 +568,10 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
         wgmma_commit();
         wgmma_wait<0>();
 #else
+        mma_rows_keys_sa<DP>(st, Ks, warp * 16, Qt, lane);  // S^T: keys x rows
+        mma_rows_keys_sa<DP>(dpt, Vs, warp * 16, Ot, lane); // dP^T
+        probs();
+        grads();
         mma_p_v<DP>(dv, st, Ot, lane);
         mma_p_v<DP>(dk, dpt, Qt, lane);
 #endif
