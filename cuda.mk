@@ -2,10 +2,10 @@
 #
 #   make cuda        build/cuda/libnsa.a (the C sources with -DNSA_HAVE_CUDA plus
 #                    src/cuda/*.cu), build/cuda/nsa, build/cuda/test_cuda,
-#                    build/cuda/test_cuda_bf16, build/cuda/bench_attn_cuda and
-#                    build/cuda/gpu_limits (memory rates of the GPU). Needs nvcc;
-#                    builds for sm_90 (Hopper).
-#   make cuda-check  builds and runs the two device tests when nvcc is present (they skip
+#                    build/cuda/test_cuda_bf16, build/cuda/test_wgmma,
+#                    build/cuda/bench_attn_cuda and build/cuda/gpu_limits (memory rates of
+#                    the GPU). Needs nvcc; builds for sm_90a (wgmma) and sm_90 (Hopper).
+#   make cuda-check  builds and runs the three device tests when nvcc is present (they skip
 #                    cleanly without a GPU); prints a skip line otherwise.
 #
 # Variables: CUDA_HOME (default /usr/local/cuda), NVCC, CUDA_ARCH_FLAGS, CUDA_BUILD.
