@@ -289,6 +289,29 @@ static nsa_status range_wg(nsa_context *ctx, const attn_shape &s, float *o_path,
     return NSA_OK;
 }
 
+// The compressed or window path: warpgroup kernels (NSA_CUDA_BF16_WG warpgroups a block),
+// or with NSA_CUDA_BF16_MT=1 the warp kernel with 16 rows per warp.
+template <int DP, int MT, int PATH>
+static nsa_status range_path(nsa_context *ctx, const attn_shape &s, float *o_path, float *lse3,
+                             const bf16 *q, const bf16 *K, const bf16 *V)
+{
+    if (MT == 2) {
+        auto launch = nsa__cuda(ctx)->bf16_wg == 2 ? range_wg<DP, 2, PATH> : range_wg<DP, 1, PATH>;
+        NSA_TRY(launch(ctx, s, o_path, lse3, q, K, V));
+    } else {
+        size_t bytes = attn_smem_bytes<DP, 64 * MT>();
+        dim3 grid((unsigned)(((long long)s.Tq * s.hpg + 64 * MT - 1) / (64 * MT)), s.G, s.B);
+        NSA_TRY(allow_smem(ctx, bf16_range_kernel<DP, MT, PATH>, bytes));
+        bf16_range_kernel<DP, MT, PATH><<<grid, MMA_THREADS, bytes, nsa__cuda_stream(ctx)>>>(
+            o_path, lse3, q, K, V, s);
+    }
+    if (PATH == PATH_CMP)
+        NSA_CUDA_LAUNCHED("bf16_range_kernel<compressed>");
+    else
+        NSA_CUDA_LAUNCHED("bf16_range_kernel<window>");
+    return NSA_OK;
+}
+
 // ---------------------------------------------------------------------------------------
 // cmp_attn block scores and top-n, fused: per tile of 64 rows = QT = 64 / hpg whole
 // positions, S = Q Kc^T again, P = exp(S scale - lse) (fp32, the compressed path's lse),
@@ -561,11 +584,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
     int subs = (s.b + NB - 1) / NB;
     bool active = false;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[DP / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < DP / 8; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-            o[nt][e] = 0.0f;
+    frag_zero(o);
     stream_chunks<DP, SLC_STAGES>(
         Ks, Vs, k, v, base, stride, s.d, *nunion * subs,
         [&](int i, int &key0, int &cnt) {
@@ -625,11 +644,7 @@ __global__ void __launch_bounds__(32 * SLCW_WARPS, 3)
     size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.T * stride + (size_t)g * s.d;
     const float sl2 = s.scale * LOG2E;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[DP / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < DP / 8; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-            o[nt][e] = 0.0f;
+    frag_zero(o);
     warp_stream_blocks<DP>(Kw, k, v, base, stride, s.d, sel, s.n, s.b, u.t, lane,
                            [&](const bf16 *Kt, const bf16 *Vt, int cnt) {
                                fwd_step_rq<DP, SLCW_KEYS>(m, l, o, qf, Kt, Vt, sl2, lane,
@@ -658,21 +673,8 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
                                   const float *gates, void *kv_scratch)
 {
     cudaStream_t st = nsa__cuda_stream(ctx);
-    const int R = 64 * MT;
-    dim3 grid((unsigned)(((long long)s.Tq * s.hpg + R - 1) / R), s.G, s.B);
-    // compressed and window: warpgroup kernels unless NSA_CUDA_BF16_MT=1
-    int wgk = MT == 2, wg2 = nsa__cuda(ctx)->bf16_wg == 2;
     if (phase == 0) {
-        size_t bytes = attn_smem_bytes<DP, R>();
-        if (wgk)
-            NSA_TRY((wg2 ? range_wg<DP, 2, PATH_CMP> : range_wg<DP, 1, PATH_CMP>)(
-                ctx, s, o_cmp, lse3, q, kc, vc));
-        else {
-            NSA_TRY(allow_smem(ctx, bf16_range_kernel<DP, MT, PATH_CMP>, bytes));
-            bf16_range_kernel<DP, MT, PATH_CMP><<<grid, MMA_THREADS, bytes, st>>>(o_cmp, lse3, q,
-                                                                                   kc, vc, s);
-        }
-        NSA_CUDA_LAUNCHED("bf16_range_kernel<compressed>");
+        NSA_TRY((range_path<DP, MT, PATH_CMP>(ctx, s, o_cmp, lse3, q, kc, vc)));
         if (fused) {
             size_t sbytes = score_smem_bytes<DP>(s);
             NSA_TRY(allow_smem(ctx, bf16_score_kernel<DP>, sbytes));
@@ -681,16 +683,7 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
             NSA_CUDA_LAUNCHED("bf16_score_kernel");
         }
     } else {
-        size_t bytes = attn_smem_bytes<DP, R>();
-        if (wgk)
-            NSA_TRY((wg2 ? range_wg<DP, 2, PATH_WIN> : range_wg<DP, 1, PATH_WIN>)(
-                ctx, s, o_win, lse3, q, k, v));
-        else {
-            NSA_TRY(allow_smem(ctx, bf16_range_kernel<DP, MT, PATH_WIN>, bytes));
-            bf16_range_kernel<DP, MT, PATH_WIN><<<grid, MMA_THREADS, bytes, st>>>(o_win, lse3, q,
-                                                                                   k, v, s);
-        }
-        NSA_CUDA_LAUNCHED("bf16_range_kernel<window>");
+        NSA_TRY((range_path<DP, MT, PATH_WIN>(ctx, s, o_win, lse3, q, k, v)));
         if (s.hpg % 16 == 0 && !nsa__cuda(ctx)->bf16_slc_union) {
             size_t wbytes = slcw_smem_bytes<DP>();
             long long units = (long long)s.Tq * (s.hpg / 16);

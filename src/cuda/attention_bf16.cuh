@@ -94,11 +94,7 @@ __device__ __forceinline__ void mma_ss_sw(float (&s)[8][4], const bf16 *At, int 
                                           const bf16 *Bt, int lane)
 {
     const unsigned char *A = (const unsigned char *)At, *B = (const unsigned char *)Bt;
-#pragma unroll
-    for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-            s[nt][e] = 0.0f;
+    frag_zero(s);
     int mi = lane / 8, r = lane % 8;
 #pragma unroll
     for (int ks = 0; ks < DP / 16; ks++) {
@@ -132,49 +128,10 @@ __device__ __forceinline__ void mma_pv_sw(float (&o)[DP / 8][4], const uint32_t 
 }
 
 // The products of a warpgroup (4 warps, each its 16 of the 64 rows) on sw128 tiles, by
-// wgmma where the build has it, else by mma.sync:
-//   s1 = A1 B1^T and s2 = A2 B2^T (64 x 64 each; A, B 64-row tiles, K = DP);
-//   o += P B (P: the warp's A fragments over the 64 rows of B, [k-step][4]).
-template <int DP>
-__device__ __forceinline__ void wg_rows_keys2(float (&s1)[8][4], const bf16 *A1, const bf16 *B1,
-                                              float (&s2)[8][4], const bf16 *A2, const bf16 *B2,
-                                              int warp, int lane)
-{
-#if NSA_WGMMA
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < DP / 16; ks++)
-        wgmma_ss_n64(s1, desc_k(A1, NB, ks), desc_k(B1, NB, ks), ks > 0);
-#pragma unroll
-    for (int ks = 0; ks < DP / 16; ks++)
-        wgmma_ss_n64(s2, desc_k(A2, NB, ks), desc_k(B2, NB, ks), ks > 0);
-    wgmma_commit();
-    wgmma_wait<0>();
-#else
-    mma_ss_sw<DP>(s1, A1, warp * 16, B1, lane);
-    mma_ss_sw<DP>(s2, A2, warp * 16, B2, lane);
-#endif
-}
-
-template <int DP>
-__device__ __forceinline__ void wg_p_v(float (&o)[DP / 8][4], const uint32_t (&a)[4][4],
-                                       const bf16 *B, int lane)
-{
-#if NSA_WGMMA
-    wgmma_fence();
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-        wgmma_rs_dp<DP>(o, a[j], B, j);
-    wgmma_commit();
-    wgmma_wait<0>();
-#else
-    mma_pv_sw<DP>(o, a, B, lane);
-#endif
-}
-
-// Issue-only forms for software pipelining (wgmma: committed as one group, not waited;
-// mma.sync: done on return): s = A B^T; o += P B. wg_wait<N>() waits until at most N
-// groups are pending.
+// wgmma where the build has it, else by mma.sync: s = A B^T (64 x 64; A, B 64-row tiles,
+// K = DP) and o += P B (P: the warp's A fragments over the 64 rows of B, [k-step][4]).
+// The _issue forms start one (wgmma: committed as one group, not waited; mma.sync: done on
+// return); wg_wait<N>() waits until at most N groups are pending.
 template <int DP>
 __device__ __forceinline__ void wg_rows_keys_issue(float (&s)[8][4], const bf16 *A, const bf16 *B,
                                                    int warp, int lane)
@@ -212,21 +169,31 @@ template <int N> __device__ __forceinline__ void wg_wait()
 #endif
 }
 
-// s = A B^T alone (as wg_rows_keys2).
+// The same, waited for: s = A B^T; s1 = A1 B1^T and s2 = A2 B2^T; o += P B.
 template <int DP>
 __device__ __forceinline__ void wg_rows_keys(float (&s)[8][4], const bf16 *A, const bf16 *B,
                                              int warp, int lane)
 {
-#if NSA_WGMMA
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < DP / 16; ks++)
-        wgmma_ss_n64(s, desc_k(A, NB, ks), desc_k(B, NB, ks), ks > 0);
-    wgmma_commit();
-    wgmma_wait<0>();
-#else
-    mma_ss_sw<DP>(s, A, warp * 16, B, lane);
-#endif
+    wg_rows_keys_issue<DP>(s, A, B, warp, lane);
+    wg_wait<0>();
+}
+
+template <int DP>
+__device__ __forceinline__ void wg_rows_keys2(float (&s1)[8][4], const bf16 *A1, const bf16 *B1,
+                                              float (&s2)[8][4], const bf16 *A2, const bf16 *B2,
+                                              int warp, int lane)
+{
+    wg_rows_keys_issue<DP>(s1, A1, B1, warp, lane);
+    wg_rows_keys_issue<DP>(s2, A2, B2, warp, lane);
+    wg_wait<0>();
+}
+
+template <int DP>
+__device__ __forceinline__ void wg_p_v(float (&o)[DP / 8][4], const uint32_t (&a)[4][4],
+                                       const bf16 *B, int lane)
+{
+    wg_p_v_issue<DP>(o, a, B, lane);
+    wg_wait<0>();
 }
 
 // The key chunks of the warpgroup kernels through two stages of sw128 tiles (Ks, Vs: two
@@ -386,11 +353,7 @@ template <int DP>
 __device__ __forceinline__ void mma_rows_keys_sa(float (&s)[8][4], const bf16 *At, int a_row0,
                                                  const bf16 *Bt, int lane)
 {
-#pragma unroll
-    for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-            s[nt][e] = 0.0f;
+    frag_zero(s);
     int mi = lane / 8, r = lane % 8;
 #pragma unroll
     for (int ks = 0; ks < DP / 16; ks++) {

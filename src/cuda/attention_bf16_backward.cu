@@ -100,11 +100,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
     }
     const float sl2 = s.scale * LOG2E;
     float acc[DP / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < DP / 8; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-            acc[nt][e] = 0.0f;
+    frag_zero(acc);
     size_t stride = (size_t)s.G * s.d;
 
     // compressed
@@ -243,11 +239,7 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
     size_t wbase = (size_t)b * s.T * stride + (size_t)g * s.d;
     const float sl2 = s.scale * LOG2E;
     float acc[DP / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < DP / 8; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-            acc[nt][e] = 0.0f;
+    frag_zero(acc);
     auto key0_of = [&](int i) { return i < ncc ? i * NB : lo + (i - ncc) * NB; };
     wg_stream<DP, WG>(
         Ks, Vs, stride, s.d, nch,
@@ -355,11 +347,7 @@ __global__ void __launch_bounds__(32 * SLCW_WARPS, 3)
     size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.T * stride + (size_t)g * s.d;
     const float sl2 = s.scale * LOG2E;
     float acc[DP / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < DP / 8; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-            acc[nt][e] = 0.0f;
+    frag_zero(acc);
     warp_stream_blocks<DP>(Kw, k, v, base, stride, s.d, sel, s.n, s.b, u.t, lane,
                            [&](const bf16 *Kt, const bf16 *Vt, int cnt) {
                                dq_step<DP, SLCW_KEYS>(acc, qf, of, Kt, Vt, pr, sl2, lane,
@@ -475,11 +463,8 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
 
     const float sl2 = s.scale * LOG2E;
     float dk[DP / 8][4], dv[DP / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < DP / 8; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-            dk[nt][e] = dv[nt][e] = 0.0f;
+    frag_zero(dk);
+    frag_zero(dv);
     // The thread's two keys: position pos sees rows of position t when
     //   compressed: t >= pos * r + l - 1;  window: 0 <= t - pos < w;  selected: t >= pos,
     // as t >= tmin and (unsigned)(t - tmin) < span; a key past the tile: tmin = INT_MAX.

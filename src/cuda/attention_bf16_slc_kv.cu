@@ -109,11 +109,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
         for (int i = 0; i < 2; i++)
             trow[i] = tr->t[warp * 16 + gq + 8 * i];
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[DP / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < DP / 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++)
-                o[nt][e] = 0.0f;
+        frag_zero(o);
         kv_block_chunks<DP>(Ks, Vs, k, v, w, s, trow, [&](const bf16 *Kt, const bf16 *Vt, auto ok) {
             fwd_step_rq<DP>(m, l, o, qf, Kt, Vt, sl2, lane, ok);
         });
@@ -237,11 +233,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
             pr.set(i, trow[i] >= 0, (size_t)tr->row[r], PATH_SLC, lse3, gates, Dp);
         }
         float acc[DP / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < DP / 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++)
-                acc[nt][e] = 0.0f;
+        frag_zero(acc);
         kv_block_chunks<DP>(Ks, Vs, k, v, w, s, trow, [&](const bf16 *Kt, const bf16 *Vt, auto ok) {
             dq_step<DP>(acc, qf, of, Kt, Vt, pr, sl2, lane, ok);
         });

@@ -81,6 +81,16 @@ static __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c0
     a[3] = pack_bf16(c1[2], c1[3]);
 }
 
+// Zeroes NT accumulator fragments.
+template <int NT> static __device__ __forceinline__ void frag_zero(float (&c)[NT][4])
+{
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            c[j][e] = 0.0f;
+}
+
 // 2^x by the special function unit (flushes results below 2^-126 to zero).
 static __device__ __forceinline__ float ex2_approx(float x)
 {
