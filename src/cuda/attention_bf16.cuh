@@ -522,54 +522,65 @@ __device__ __forceinline__ void dq_step(float (&dq)[DP / 8][4], const uint32_t (
 
 #define SLCW_KEYS 32 // keys per chunk of the warp-per-position selected kernels
 #define SLCW_WARPS 2 // warps per thread block of those kernels
+#define SLCW_STAGES 2 // key chunks of a warp in shared memory (SLCW_STAGES - 1 in flight;
+                      // 3 measured slower: 2 blocks per SM instead of 3)
 
-// Shared memory of a warp: two stages of SLCW_KEYS rows of K and of V.
+// Shared memory of a warp: SLCW_STAGES stages of SLCW_KEYS rows of K and of V.
 template <int DP> static inline size_t slcw_smem_bytes()
 {
-    return (size_t)SLCW_WARPS * 2 * 2 * SLCW_KEYS * mcfg<DP>::LD * sizeof(bf16);
+    return (size_t)SLCW_WARPS * 2 * SLCW_STAGES * SLCW_KEYS * mcfg<DP>::LD * sizeof(bf16);
 }
 
 // The selected blocks sel[n] (any order, -1 for none) of position t, keys of each block up
-// to t, SLCW_KEYS at a time through the warp's stages Kw (K stages 0, 1; V 2, 3) by cp.async,
-// no barrier beyond the warp: body(Kt, Vt, cnt) for every chunk of cnt > 0 keys.
+// to t, SLCW_KEYS at a time through the warp's stages Kw (K stages 0 .., then V) by
+// cp.async, no barrier beyond the warp: body(Kt, Vt, cnt) for every chunk of cnt > 0 keys.
+// Lane l copies 16-byte column l % CH of rows l / CH + j 32 / CH (constant steps).
 template <int DP, class Body>
 __device__ __forceinline__ void warp_stream_blocks(bf16 *Kw, const bf16 *K, const bf16 *V,
                                                    size_t base, size_t stride, int d,
                                                    const int32_t *sel, int n, int bsize, int t,
                                                    int lane, Body body)
 {
-    const int LD = mcfg<DP>::LD, CH = DP / 8;
+    const int LD = mcfg<DP>::LD, CH = DP / 8, RS = 32 / CH, ST = SLCW_STAGES;
     int subs = (bsize + SLCW_KEYS - 1) / SLCW_KEYS;
+    int r0 = lane / CH, c = (lane % CH) * 8;
+    bool col_ok = c < d;
     auto chunk = [&](int i, int &key0, int &cnt) {
         int blk = sel[i / subs];
         key0 = blk * bsize + (i % subs) * SLCW_KEYS;
         cnt = blk < 0 ? 0 : min(SLCW_KEYS, min(blk * bsize + bsize, t + 1) - key0);
     };
+    auto stage = [&](int i, int v) { return Kw + ((v ? ST : 0) + i % ST) * SLCW_KEYS * LD; };
     auto issue = [&](int i) {
         int key0, cnt;
         chunk(i, key0, cnt);
-        bf16 *Kd = Kw + (i & 1) * SLCW_KEYS * LD, *Vd = Kw + (2 + (i & 1)) * SLCW_KEYS * LD;
-        for (int e = lane; e < SLCW_KEYS * CH; e += 32) {
-            int kk = e / CH, c = (e % CH) * 8;
-            bool ok = kk < cnt && c < d;
-            size_t at = base + (size_t)(key0 + kk) * stride + c;
-            cp_async16(Kd + kk * LD + c, ok ? K + at : K, ok ? 16 : 0);
-            cp_async16(Vd + kk * LD + c, ok ? V + at : V, ok ? 16 : 0);
+        bf16 *Kd = stage(i, 0) + r0 * LD + c, *Vd = stage(i, 1) + r0 * LD + c;
+        size_t at = base + (size_t)(key0 + r0) * stride + c;
+#pragma unroll
+        for (int j = 0; j < SLCW_KEYS / RS; j++) {
+            bool ok = col_ok && r0 + j * RS < cnt;
+            size_t aj = at + (size_t)j * RS * stride;
+            cp_async16(Kd + j * RS * LD, ok ? K + aj : K, ok ? 16 : 0);
+            cp_async16(Vd + j * RS * LD, ok ? V + aj : V, ok ? 16 : 0);
         }
     };
     int nch = n * subs;
-    issue(0);
-    cp_async_commit();
-    for (int i = 0; i < nch; i++) {
-        if (i + 1 < nch)
-            issue(i + 1);
+#pragma unroll
+    for (int p = 0; p < ST - 1; p++) {
+        if (p < nch)
+            issue(p);
         cp_async_commit();
-        cp_async_wait<1>();
+    }
+    for (int i = 0; i < nch; i++) {
+        if (i + ST - 1 < nch)
+            issue(i + ST - 1);
+        cp_async_commit();
+        cp_async_wait<ST - 1>();
         __syncwarp();
         int key0, cnt;
         chunk(i, key0, cnt);
         if (cnt > 0)
-            body(Kw + (i & 1) * SLCW_KEYS * LD, Kw + (2 + (i & 1)) * SLCW_KEYS * LD, cnt);
+            body(stage(i, 0), stage(i, 1), cnt);
         __syncwarp();
     }
     cp_async_wait<0>();

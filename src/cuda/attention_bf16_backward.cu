@@ -331,7 +331,7 @@ __global__ void __launch_bounds__(32 * SLCW_WARPS, 3)
     const int LD = mcfg<DP>::LD;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
-    bf16 *Kw = (bf16 *)smem_raw + (size_t)warp * 4 * SLCW_KEYS * LD;
+    bf16 *Kw = (bf16 *)smem_raw + (size_t)warp * 2 * SLCW_STAGES * SLCW_KEYS * LD;
     warp_unit u;
     if (!warp_unit_of(u, s, warp))
         return;
