@@ -234,6 +234,7 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
         __syncthreads();
         wg_rows_keys_issue<DP>(sc, Qs, Ks, warp, lane);
         wg_wait<0>();
+        wgmma_hold(sc);
         probs(sc, alpha);
 #pragma unroll
         for (int j = 0; j < 4; j++)
@@ -247,17 +248,20 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
         fence_async_smem();
         __syncthreads();
         load(i + RST - 1);
-        // (issued after the last chunk too, on a stale stage, and ignored: a product issued
-        // on every path keeps the compiler from copying its accumulators while it runs)
-        wg_rows_keys_issue<DP>(sc, Qs, Ks + ((i + 1) % RST) * TE, warp, lane);
+        // (issued after the last chunk too, on chunk i's resident stage, and ignored: a
+        // product issued on every path keeps the compiler from copying its accumulators
+        // while it runs)
+        wg_rows_keys_issue<DP>(sc, Qs, Ks + ((next ? i + 1 : i) % RST) * TE, warp, lane);
         rescale_rows<DP>(acc.o[0], alpha);
         wg_p_v_issue<DP>(acc.o[0], a, Vs + (i % RST) * TE, lane);
         wg_wait<1>(); // the scores of chunk i + 1
+        wgmma_hold(sc);
         if (next) {
             key0 = lo + (i + 1) * NB;
             probs(sc, alpha);
         }
         wg_wait<0>(); // O += P V of chunk i: a is free again
+        wgmma_hold(acc.o[0]);
         if (next)
 #pragma unroll
             for (int j = 0; j < 4; j++)
@@ -305,7 +309,11 @@ static nsa_status range_path(nsa_context *ctx, const attn_shape &s, float *o_pat
         bf16_range_kernel<DP, MT, PATH><<<grid, MMA_THREADS, bytes, nsa__cuda_stream(ctx)>>>(
             o_path, lse3, q, K, V, s);
     }
-    if (PATH == PATH_CMP)
+    if (MT == 2 && PATH == PATH_CMP)
+        NSA_CUDA_LAUNCHED("bf16_range_wg_kernel<compressed>");
+    else if (MT == 2)
+        NSA_CUDA_LAUNCHED("bf16_range_wg_kernel<window>");
+    else if (PATH == PATH_CMP)
         NSA_CUDA_LAUNCHED("bf16_range_kernel<compressed>");
     else
         NSA_CUDA_LAUNCHED("bf16_range_kernel<window>");
@@ -334,8 +342,9 @@ template <int HALF, int BIT> static __device__ __forceinline__ void halve_sum(fl
 template <int DP> static size_t score_smem_bytes(const attn_shape &s)
 {
     int QT = MB / s.hpg, slots = QT > 4 ? QT : 4;
-    return 3 * (size_t)NB * DP * sizeof(bf16) + SMEM_ALIGN + sizeof(mrows<MB>) + (size_t)QT * s.nb * sizeof(float) +
-           4 * (size_t)s.n * sizeof(int) + (size_t)slots * NB * sizeof(float);
+    return 3 * (size_t)NB * DP * sizeof(bf16) + SMEM_ALIGN + sizeof(mrows<MB>) +
+           ((size_t)QT * s.nb + 1) / 2 * 2 * sizeof(float) + 4 * (size_t)s.n * sizeof(int) +
+           (size_t)slots * NB * sizeof(float);
 }
 
 template <int DP>
@@ -349,7 +358,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
     mrows<MB> *tr = (mrows<MB> *)(Ks + 2 * TE);
     int QT = MB / s.hpg;
     float *score = (float *)(tr + 1);
-    int *tmp = (int *)(score + (size_t)QT * s.nb);
+    int *tmp = (int *)(score + ((size_t)QT * s.nb + 1) / 2 * 2); // ssum's float2 8-aligned
     // P of a chunk summed over slots of min(hpg, 16) rows: a warp (hpg >= 16, a position
     // spans hpg / 16 warps) or a position (hpg < 16); [slots][NB]
     float *ssum = (float *)(tmp + 4 * s.n);

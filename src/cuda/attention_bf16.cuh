@@ -176,6 +176,7 @@ __device__ __forceinline__ void wg_rows_keys(float (&s)[8][4], const bf16 *A, co
 {
     wg_rows_keys_issue<DP>(s, A, B, warp, lane);
     wg_wait<0>();
+    wgmma_hold(s);
 }
 
 template <int DP>
@@ -186,6 +187,8 @@ __device__ __forceinline__ void wg_rows_keys2(float (&s1)[8][4], const bf16 *A1,
     wg_rows_keys_issue<DP>(s1, A1, B1, warp, lane);
     wg_rows_keys_issue<DP>(s2, A2, B2, warp, lane);
     wg_wait<0>();
+    wgmma_hold(s1);
+    wgmma_hold(s2);
 }
 
 template <int DP>
@@ -194,6 +197,7 @@ __device__ __forceinline__ void wg_p_v(float (&o)[DP / 8][4], const uint32_t (&a
 {
     wg_p_v_issue<DP>(o, a, B, lane);
     wg_wait<0>();
+    wgmma_hold(o);
 }
 
 // The key chunks of the warpgroup kernels through two stages of sw128 tiles (Ks, Vs: two
@@ -243,7 +247,7 @@ __device__ __forceinline__ void wg_stream(bf16 *Ks, bf16 *Vs, size_t stride, int
 #define SMEM_ALIGN 1024
 static __device__ __forceinline__ unsigned char *smem_aligned(unsigned char *p)
 {
-    return (unsigned char *)(((uintptr_t)p + SMEM_ALIGN - 1) & ~(uintptr_t)(SMEM_ALIGN - 1));
+    return p + ((SMEM_ALIGN - smem_addr(p) % SMEM_ALIGN) % SMEM_ALIGN); // the shared address
 }
 
 // The query rows of a tile of R rows of one (batch, kv head): consecutive (position, head)

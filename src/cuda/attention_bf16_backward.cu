@@ -534,24 +534,31 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
             wgmma_ss_n64(dpt, desc_k(Vs, NB, ks), desc_k(Ot, NB, ks), ks > 0);
         wgmma_commit();
         wgmma_wait<1>();
+        wgmma_hold(st);
         probs();
         wgmma_wait<0>();
+        wgmma_hold(dpt);
         grads();
+        // dV += (gate P)^T dO, dK += dS^T Q: each batch's A fragments packed before its fence
+        uint32_t a[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            c_to_a(a[j], st[2 * j], st[2 * j + 1]);
         wgmma_fence();
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            uint32_t a[4];
-            c_to_a(a, st[2 * j], st[2 * j + 1]);
-            wgmma_rs_dp<DP>(dv, a, Ot, j);
-        }
+        for (int j = 0; j < 4; j++)
+            wgmma_rs_dp<DP>(dv, a[j], Ot, j);
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            uint32_t a[4];
-            c_to_a(a, dpt[2 * j], dpt[2 * j + 1]);
-            wgmma_rs_dp<DP>(dk, a, Qt, j);
-        }
+        for (int j = 0; j < 4; j++)
+            c_to_a(a[j], dpt[2 * j], dpt[2 * j + 1]);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            wgmma_rs_dp<DP>(dk, a[j], Qt, j);
         wgmma_commit();
         wgmma_wait<0>();
+        wgmma_hold(dv);
+        wgmma_hold(dk);
 #else
         mma_rows_keys_sa<DP>(st, Ks, warp * 16, Qt, lane);  // S^T: keys x rows
         mma_rows_keys_sa<DP>(dpt, Vs, warp * 16, Ot, lane); // dP^T

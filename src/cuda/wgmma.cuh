@@ -84,7 +84,8 @@ template <int N> static __device__ __forceinline__ void wgmma_wait()
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
-// Keeps the compiler from moving accumulator reads or writes across the asynchronous MMA.
+// After a wait: ties the accumulators to this point, so the compiler cannot move their
+// reads above the wait (no instruction; CUTLASS's warpgroup_fence_operand).
 template <int NT> static __device__ __forceinline__ void wgmma_hold(float (&d)[NT][4])
 {
 #pragma unroll

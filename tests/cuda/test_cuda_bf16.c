@@ -203,6 +203,8 @@ static const attn_case cases[] = {
     {"gqa8_d128_big_blocks", 1, 333, 8, 1, 128, 100, 70, 10, 20, 2, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_NONE, 0},
     {"tiny_T5", 1, 5, 4, 1, 64, 4, 3, 2, 4, 3, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
     {"gqa32_d64_wide_positions", 1, 200, 32, 1, 64, 16, 32, 8, 16, 4, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
+    // one position a scoring tile with an odd block count (the per-chunk sums' alignment)
+    {"gqa64_d64_odd_blocks", 1, 200, 64, 1, 64, 16, 32, 8, 16, 4, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
 };
 
 static void test_bf16_attention(void)
