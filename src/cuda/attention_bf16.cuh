@@ -121,7 +121,8 @@ __device__ __forceinline__ void mma_pv_sw(float (&o)[DP / 8][4], const uint32_t 
 #pragma unroll
         for (int n2 = 0; n2 < DP / 16; n2++) {
             uint32_t b[4];
-            ldmatrix_x4_trans(b, B + sw128_off(NB, 16 * j + (mi % 2) * 8 + r, n2 * 16 + (mi / 2) * 8));
+            ldmatrix_x4_trans(b, B + sw128_off(NB, 16 * j + (mi % 2) * 8 + r,
+                                               n2 * 16 + (mi / 2) * 8));
             mma_bf16(o[2 * n2], a[j], b[0], b[1]);
             mma_bf16(o[2 * n2 + 1], a[j], b[2], b[3]);
         }

@@ -18,7 +18,8 @@ typedef __nv_bfloat16 bf16;
 // A, B: [64, DP] row-major bf16. c1 = A B^T [64, 64]; c2 = A[:, :64] B[:, :DP] ([64 x 64] x
 // [64 x DP], B MN-major) [64, DP]; c3 = A B^T with A from registers [64, 64].
 template <int DP>
-__global__ void probe_kernel(const bf16 *A, const bf16 *B, float *c1, float *c2, float *c3, int *ran)
+__global__ void probe_kernel(const bf16 *A, const bf16 *B, float *c1, float *c2, float *c3,
+                             int *ran)
 {
 #if NSA_WGMMA
     __shared__ __align__(1024) unsigned char sm[2 * 64 * DP * 2];
@@ -34,7 +35,8 @@ __global__ void probe_kernel(const bf16 *A, const bf16 *B, float *c1, float *c2,
     int mi = lane / 8, r = lane % 8;
     uint32_t af[DP / 16][4];
     for (int ks = 0; ks < DP / 16; ks++)
-        ldmatrix_x4(af[ks], As + sw128_off(64, warp * 16 + (mi % 2) * 8 + r, ks * 16 + (mi / 2) * 8));
+        ldmatrix_x4(af[ks],
+                    As + sw128_off(64, warp * 16 + (mi % 2) * 8 + r, ks * 16 + (mi / 2) * 8));
     float d1[8][4], d2[DP / 8][4], d3[8][4];
     wgmma_fence();
     for (int ks = 0; ks < DP / 16; ks++)
