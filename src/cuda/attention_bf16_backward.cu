@@ -539,24 +539,18 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
         wgmma_wait<0>();
         wgmma_hold(dpt);
         grads();
-        // dV += (gate P)^T dO, dK += dS^T Q: each batch's A fragments packed before its fence
-        uint32_t a[4][4];
+        // dV += (gate P)^T dO, dK += dS^T Q: each batch's A fragments packed before its fence,
+        // and left alone until the wait
+        uint32_t av[4][4], ak[4][4];
 #pragma unroll
         for (int j = 0; j < 4; j++)
-            c_to_a(a[j], st[2 * j], st[2 * j + 1]);
-        wgmma_fence();
+            c_to_a(av[j], st[2 * j], st[2 * j + 1]);
+        wg_p_v_issue<DP>(dv, av, Ot, lane);
 #pragma unroll
         for (int j = 0; j < 4; j++)
-            wgmma_rs_dp<DP>(dv, a[j], Ot, j);
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            c_to_a(a[j], dpt[2 * j], dpt[2 * j + 1]);
-        wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            wgmma_rs_dp<DP>(dk, a[j], Qt, j);
-        wgmma_commit();
-        wgmma_wait<0>();
+            c_to_a(ak[j], dpt[2 * j], dpt[2 * j + 1]);
+        wg_p_v_issue<DP>(dk, ak, Qt, lane);
+        wg_wait<0>();
         wgmma_hold(dv);
         wgmma_hold(dk);
 #else
