@@ -55,54 +55,77 @@ nsa_status nsa__cuda_f32_to_bf16(nsa_context *ctx, bf16 *dst, const float *src, 
 // ---------------------------------------------------------------------------------------
 // Compressed path and sliding window: one kernel over a contiguous key range
 
-// Rows per thread block of the forward kernels: 64 MT, MT m-tiles of 16 rows per warp (each
-// K and V fragment loaded from shared memory serves MT row tiles; MT = 2 unless
-// NSA_CUDA_BF16_MT=1).
-
-template <int DP, int R> static size_t attn_smem_bytes()
+// The end of both range kernels for a warp's rows row0 .. row0 + 15 of the tile tr:
+// normalised o into o_path, lse into slot `path` of lse3 (when given).
+template <int DP, int R>
+__device__ __forceinline__ void range_finish(fwd_acc<DP> &acc, float *o_path, float *lse3,
+                                             int path, const mrows<R> *tr, int row0, int lane,
+                                             int d)
 {
-    return (size_t)R * mcfg<DP>::LD * sizeof(bf16) + 4 * mcfg<DP>::TILE + sizeof(mrows<R>);
+    float lse[2];
+    acc.finish(lse);
+    store_frag_rows<DP>(o_path, tr->t, tr->row, acc.o, row0, lane, d);
+    if (lse3 && lane % 4 == 0)
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            int r = row0 + lane / 4 + 8 * i;
+            if (tr->t[r] >= 0)
+                lse3[(size_t)tr->row[r] * 3 + path] = lse[i];
+        }
+}
+
+// The warp kernel (NSA_CUDA_BF16_MT=1; the warpgroup kernel below otherwise): 64 rows a
+// block, 16 a warp, Q in a padded shared tile.
+
+template <int DP> static size_t attn_smem_bytes()
+{
+    return (size_t)MB * mcfg<DP>::LD * sizeof(bf16) + 4 * mcfg<DP>::TILE + sizeof(mrows<MB>);
 }
 
 // PATH_CMP: K, V = kc, vc; row t attends compressed tokens j < visible_cmp(t).
 // PATH_WIN: K, V = k, v; row t attends keys t - w < key <= t.
 // Writes o_path and, where lse3 is given, lse slot PATH.
-template <int DP, int MT, int PATH>
+template <int DP, int PATH>
 __global__ void __launch_bounds__(MMA_THREADS, 2)
     bf16_range_kernel(float *o_path, float *lse3, const bf16 *q, const bf16 *K, const bf16 *V,
                       attn_shape s)
 {
-    const int R = 64 * MT, LD = mcfg<DP>::LD;
+    const int LD = mcfg<DP>::LD;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16 *Qs = (bf16 *)smem_raw, *Ks = Qs + R * LD, *Vs = Ks + 2 * NB * LD;
-    mrows<R> *tr = (mrows<R> *)(Vs + 2 * NB * LD);
+    bf16 *Qs = (bf16 *)smem_raw, *Ks = Qs + MB * LD, *Vs = Ks + 2 * NB * LD;
+    mrows<MB> *tr = (mrows<MB> *)(Vs + 2 * NB * LD);
     int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
-    int row0 = warp * 16 * MT;
-    mrows_init<R>(tr, s, tile, g, b);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4;
+    int row0 = warp * 16;
+    mrows_init<MB>(tr, s, tile, g, b);
     __syncthreads();
-    load_row_tile<DP, R>(Qs, q, tr, s.d);
+    load_row_tile<DP, MB>(Qs, q, tr, s.d);
     cp_async_commit();
-    long long first_rg = (long long)tile * R;
-    long long last_rg = min(first_rg + R - 1, (long long)s.Tq * s.hpg - 1);
+    long long first_rg = (long long)tile * MB;
+    long long last_rg = min(first_rg + MB - 1, (long long)s.Tq * s.hpg - 1);
     int t_first = s.q_start + (int)(first_rg / s.hpg), t_last = s.q_start + (int)(last_rg / s.hpg);
     // per row: the number of visible compressed tokens (PATH_CMP) or the position (-1: none)
-    int lim[MT][2];
+    int lim[2];
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            int t = tr->t[row0 + mt * 16 + gq + 8 * i];
-            lim[mt][i] = PATH == PATH_CMP ? (t < 0 ? 0 : visible_cmp(s, t)) : t;
-        }
+    for (int i = 0; i < 2; i++) {
+        int t = tr->t[row0 + gq + 8 * i];
+        lim[i] = PATH == PATH_CMP ? (t < 0 ? 0 : visible_cmp(s, t)) : t;
+    }
     // the tile's keys lo .. hi - 1
     int lo = PATH == PATH_CMP ? 0 : max(0, t_first - s.w + 1);
     int hi = PATH == PATH_CMP ? visible_cmp(s, t_last) : t_last + 1;
     int Tk = PATH == PATH_CMP ? s.Tc : s.T;
     size_t stride = (size_t)s.G * s.d, base = (size_t)b * Tk * stride + (size_t)g * s.d;
     const float sl2 = s.scale * LOG2E;
-    fwd_acc<DP, MT> acc;
+    fwd_acc<DP> acc;
     acc.reset();
+    // one chunk: scores, mask ok(i, kk), online softmax, O += P V
+    auto step = [&](const bf16 *Kt, const bf16 *Vt, auto ok) {
+        float sc[8][4];
+        mma_rows_keys_sa<DP>(sc, Qs, row0, Kt, lane);
+        softmax_update<DP>(sc, acc.m, acc.l, acc.o, sl2, lane, ok);
+        mma_p_v<DP>(acc.o, sc, Vt, lane);
+    };
     stream_chunks<DP>(
         Ks, Vs, K, V, base, stride, s.d, (hi - lo + NB - 1) / NB,
         [&](int i, int &key0, int &cnt) {
@@ -110,40 +133,24 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
             cnt = min(NB, hi - key0);
         },
         [&](int, int key0, int, const bf16 *Kt, const bf16 *Vt) {
-            auto ok = [&](int mt, int ii, int key) {
+            auto ok = [&](int ii, int key) {
                 if (PATH == PATH_CMP)
-                    return key < lim[mt][ii];
-                return key <= lim[mt][ii] && key > lim[mt][ii] - s.w;
+                    return key < lim[ii];
+                return key <= lim[ii] && key > lim[ii] - s.w;
             };
             // every row of the warp sees the whole chunk: no mask (most compressed chunks;
             // the window's two-sided test keeps its mask: unmasked copies spill there)
             bool full = PATH == PATH_CMP;
 #pragma unroll
-            for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-                for (int ii = 0; ii < 2; ii++)
-                    full = full && ok(mt, ii, key0) && ok(mt, ii, key0 + NB - 1);
+            for (int ii = 0; ii < 2; ii++)
+                full = full && ok(ii, key0) && ok(ii, key0 + NB - 1);
             if (PATH == PATH_CMP && __all_sync(0xffffffffu, full))
-                fwd_step<DP, MT>(acc, Qs, row0, Kt, Vt, sl2, lane,
-                                 [](int, int, int) { return true; });
+                step(Kt, Vt, [](int, int) { return true; });
             else
-                fwd_step<DP, MT>(acc, Qs, row0, Kt, Vt, sl2, lane,
-                                 [&](int mt, int ii, int kk) { return ok(mt, ii, key0 + kk); });
+                step(Kt, Vt, [&](int ii, int kk) { return ok(ii, key0 + kk); });
         });
     cp_async_wait<0>();
-    float lse[MT][2];
-    acc.finish(lse);
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++) {
-        store_frag_rows<DP>(o_path, tr->t, tr->row, acc.o[mt], row0 + mt * 16, lane, s.d);
-        if (lse3 && c4 == 0)
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                int r = row0 + mt * 16 + gq + 8 * i;
-                if (tr->t[r] >= 0)
-                    lse3[(size_t)tr->row[r] * 3 + PATH] = lse[mt][i];
-            }
-    }
+    range_finish<DP>(acc, o_path, lse3, PATH, tr, row0, lane, s.d);
 }
 
 // The same by warpgroups (wgmma on sm_90a, mma.sync on the same tiles otherwise): WG
@@ -169,9 +176,8 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
     bf16 *Qs = (bf16 *)smem_aligned(smem_raw), *Ks = Qs + WG * TE, *Vs = Ks + RST * TE;
     mrows<R> *tr = (mrows<R> *)(Vs + RST * TE);
     int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
-    int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
-    int wg = threadIdx.x / MMA_THREADS, wtid = threadIdx.x % MMA_THREADS;
-    int row0 = wg * NB + warp * 16;
+    int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4;
+    int wg = threadIdx.x / MMA_THREADS, row0 = wg * NB + warp * 16;
     mrows_init<R>(tr, s, tile, g, b);
     __syncthreads();
     Qs += wg * TE;
@@ -196,19 +202,14 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
     // chunk i into stage i % RST (one commit group each, empty past the end)
     auto load = [&](int i) {
         if (i < nch) {
-            int key0 = lo + i * NB, cnt = min(NB, hi - key0);
-            bf16 *Kd = Ks + (i % RST) * TE, *Vd = Vs + (i % RST) * TE;
-            if (WG == 2)
-                load_tile_sw<DP>(wg ? Vd : Kd, wg ? V : K, base, stride, key0, cnt, s.d, wtid);
-            else {
-                load_tile_sw<DP>(Kd, K, base, stride, key0, cnt, s.d, wtid);
-                load_tile_sw<DP>(Vd, V, base, stride, key0, cnt, s.d, wtid);
-            }
+            int key0 = lo + i * NB;
+            load_kv_sw<DP, WG>(Ks + (i % RST) * TE, Vs + (i % RST) * TE, K, V, base, stride, key0,
+                               min(NB, hi - key0), s.d);
         }
         cp_async_commit();
     };
     const float sl2 = s.scale * LOG2E;
-    fwd_acc<DP, 1> acc;
+    fwd_acc<DP> acc;
     acc.reset();
     int key0 = lo;
     auto probs = [&](float (&sc)[8][4], float (&alpha)[2]) { // softmax of the chunk at key0
@@ -217,9 +218,9 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
         for (int ii = 0; ii < 2; ii++)
             full = full && klo[ii] <= key0 && khi[ii] >= key0 + NB - 1;
         if (__all_sync(0xffffffffu, full)) // no mask (most chunks)
-            softmax_probs(sc, acc.m[0], acc.l[0], alpha, sl2, lane, [](int, int) { return true; });
+            softmax_probs(sc, acc.m, acc.l, alpha, sl2, lane, [](int, int) { return true; });
         else
-            softmax_probs(sc, acc.m[0], acc.l[0], alpha, sl2, lane, [&](int ii, int kk) {
+            softmax_probs(sc, acc.m, acc.l, alpha, sl2, lane, [&](int ii, int kk) {
                 return key0 + kk >= klo[ii] && key0 + kk <= khi[ii];
             });
     };
@@ -252,8 +253,8 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
         // product issued on every path keeps the compiler from copying its accumulators
         // while it runs)
         wg_rows_keys_issue<DP>(sc, Qs, Ks + ((next ? i + 1 : i) % RST) * TE, warp, lane);
-        rescale_rows<DP>(acc.o[0], alpha);
-        wg_p_v_issue<DP>(acc.o[0], a, Vs + (i % RST) * TE, lane);
+        rescale_rows<DP>(acc.o, alpha);
+        wg_p_v_issue<DP>(acc.o, a, Vs + (i % RST) * TE, lane);
         wg_wait<1>(); // the scores of chunk i + 1
         wgmma_hold(sc);
         if (next) {
@@ -261,7 +262,7 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
             probs(sc, alpha);
         }
         wg_wait<0>(); // O += P V of chunk i: a is free again
-        wgmma_hold(acc.o[0]);
+        wgmma_hold(acc.o);
         if (next)
 #pragma unroll
             for (int j = 0; j < 4; j++)
@@ -269,16 +270,7 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
     }
     wg_wait<0>();
     cp_async_wait<0>();
-    float lse[1][2];
-    acc.finish(lse);
-    store_frag_rows<DP>(o_path, tr->t, tr->row, acc.o[0], row0, lane, s.d);
-    if (lse3 && c4 == 0)
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            int r = row0 + gq + 8 * i;
-            if (tr->t[r] >= 0)
-                lse3[(size_t)tr->row[r] * 3 + PATH] = lse[0][i];
-        }
+    range_finish<DP>(acc, o_path, lse3, PATH, tr, row0, lane, s.d);
 }
 
 template <int DP, int WG, int PATH>
@@ -294,26 +286,27 @@ static nsa_status range_wg(nsa_context *ctx, const attn_shape &s, float *o_path,
 }
 
 // The compressed or window path: warpgroup kernels (NSA_CUDA_BF16_WG warpgroups a block),
-// or with NSA_CUDA_BF16_MT=1 the warp kernel with 16 rows per warp.
-template <int DP, int MT, int PATH>
+// or with NSA_CUDA_BF16_MT=1 the warp kernel.
+template <int DP, int PATH>
 static nsa_status range_path(nsa_context *ctx, const attn_shape &s, float *o_path, float *lse3,
                              const bf16 *q, const bf16 *K, const bf16 *V)
 {
-    if (MT == 2) {
-        auto launch = nsa__cuda(ctx)->bf16_wg == 2 ? range_wg<DP, 2, PATH> : range_wg<DP, 1, PATH>;
+    nsa__cuda_state *cs = nsa__cuda(ctx);
+    if (cs->bf16_mt == 2) {
+        auto launch = cs->bf16_wg == 2 ? range_wg<DP, 2, PATH> : range_wg<DP, 1, PATH>;
         NSA_TRY(launch(ctx, s, o_path, lse3, q, K, V));
-    } else {
-        size_t bytes = attn_smem_bytes<DP, 64 * MT>();
-        dim3 grid((unsigned)(((long long)s.Tq * s.hpg + 64 * MT - 1) / (64 * MT)), s.G, s.B);
-        NSA_TRY(allow_smem(ctx, bf16_range_kernel<DP, MT, PATH>, bytes));
-        bf16_range_kernel<DP, MT, PATH><<<grid, MMA_THREADS, bytes, nsa__cuda_stream(ctx)>>>(
-            o_path, lse3, q, K, V, s);
+        if (PATH == PATH_CMP)
+            NSA_CUDA_LAUNCHED("bf16_range_wg_kernel<compressed>");
+        else
+            NSA_CUDA_LAUNCHED("bf16_range_wg_kernel<window>");
+        return NSA_OK;
     }
-    if (MT == 2 && PATH == PATH_CMP)
-        NSA_CUDA_LAUNCHED("bf16_range_wg_kernel<compressed>");
-    else if (MT == 2)
-        NSA_CUDA_LAUNCHED("bf16_range_wg_kernel<window>");
-    else if (PATH == PATH_CMP)
+    size_t bytes = attn_smem_bytes<DP>();
+    dim3 grid((unsigned)(((long long)s.Tq * s.hpg + MB - 1) / MB), s.G, s.B);
+    NSA_TRY(allow_smem(ctx, bf16_range_kernel<DP, PATH>, bytes));
+    bf16_range_kernel<DP, PATH><<<grid, MMA_THREADS, bytes, cs->stream>>>(o_path, lse3, q, K, V,
+                                                                         s);
+    if (PATH == PATH_CMP)
         NSA_CUDA_LAUNCHED("bf16_range_kernel<compressed>");
     else
         NSA_CUDA_LAUNCHED("bf16_range_kernel<window>");
@@ -674,7 +667,7 @@ template <int DP> static int score_fits(nsa_context *ctx, const attn_shape &s)
     return MB % s.hpg == 0 && score_smem_bytes<DP>(s) <= nsa__cuda(ctx)->max_smem_optin;
 }
 
-template <int DP, int MT>
+template <int DP>
 static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int phase, int fused,
                                   float *out, float *o_cmp, float *o_slc, float *o_win,
                                   float *lse3, int32_t *idx, const bf16 *q, const bf16 *k,
@@ -683,7 +676,7 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
 {
     cudaStream_t st = nsa__cuda_stream(ctx);
     if (phase == 0) {
-        NSA_TRY((range_path<DP, MT, PATH_CMP>(ctx, s, o_cmp, lse3, q, kc, vc)));
+        NSA_TRY((range_path<DP, PATH_CMP>(ctx, s, o_cmp, lse3, q, kc, vc)));
         if (fused) {
             size_t sbytes = score_smem_bytes<DP>(s);
             NSA_TRY(allow_smem(ctx, bf16_score_kernel<DP>, sbytes));
@@ -692,7 +685,7 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
             NSA_CUDA_LAUNCHED("bf16_score_kernel");
         }
     } else {
-        NSA_TRY((range_path<DP, MT, PATH_WIN>(ctx, s, o_win, lse3, q, k, v)));
+        NSA_TRY((range_path<DP, PATH_WIN>(ctx, s, o_win, lse3, q, k, v)));
         if (s.hpg % 16 == 0 && !nsa__cuda(ctx)->bf16_slc_union) {
             size_t wbytes = slcw_smem_bytes<DP>();
             long long units = (long long)s.Tq * (s.hpg / 16);
@@ -716,23 +709,16 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
     return NSA_OK;
 }
 
-// Dispatch on the head dim (64 or 128 padded) and the m-tiles per warp.
+// Dispatch on the head dim (64 or 128 padded).
 static nsa_status bf16_forward_phase(nsa_context *ctx, const attn_shape &s, int phase, int fused,
                                      float *out, float *o_cmp, float *o_slc, float *o_win,
                                      float *lse3, int32_t *idx, const bf16 *q, const bf16 *k,
                                      const bf16 *v, const bf16 *kc, const bf16 *vc,
                                      const float *gates, void *kv)
 {
-    int mt2 = nsa__cuda(ctx)->bf16_mt == 2;
-    if (s.d <= 64)
-        return mt2 ? bf16_forward_dp<64, 2>(ctx, s, phase, fused, out, o_cmp, o_slc, o_win, lse3,
-                                            idx, q, k, v, kc, vc, gates, kv)
-                   : bf16_forward_dp<64, 1>(ctx, s, phase, fused, out, o_cmp, o_slc, o_win, lse3,
-                                            idx, q, k, v, kc, vc, gates, kv);
-    return mt2 ? bf16_forward_dp<128, 2>(ctx, s, phase, fused, out, o_cmp, o_slc, o_win, lse3,
-                                         idx, q, k, v, kc, vc, gates, kv)
-               : bf16_forward_dp<128, 1>(ctx, s, phase, fused, out, o_cmp, o_slc, o_win, lse3,
-                                         idx, q, k, v, kc, vc, gates, kv);
+    auto run = s.d <= 64 ? bf16_forward_dp<64> : bf16_forward_dp<128>;
+    return run(ctx, s, phase, fused, out, o_cmp, o_slc, o_win, lse3, idx, q, k, v, kc, vc, gates,
+               kv);
 }
 
 nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *dims,

@@ -201,31 +201,38 @@ __device__ __forceinline__ void wg_p_v(float (&o)[DP / 8][4], const uint32_t (&a
     wgmma_hold(o);
 }
 
+// Rows key0 .. key0 + cnt - 1 of K and V into the sw128 tiles Kd, Vd by the WG warpgroups
+// of the block: with two, one tile each; with one, both (V = NULL: K alone, one warpgroup).
+template <int DP, int WG>
+__device__ __forceinline__ void load_kv_sw(bf16 *Kd, bf16 *Vd, const bf16 *K, const bf16 *V,
+                                           size_t base, size_t stride, int key0, int cnt, int d)
+{
+    int wg = threadIdx.x / MMA_THREADS, wtid = threadIdx.x % MMA_THREADS;
+    if constexpr (WG == 2)
+        load_tile_sw<DP>(wg ? Vd : Kd, wg ? V : K, base, stride, key0, cnt, d, wtid);
+    else {
+        load_tile_sw<DP>(Kd, K, base, stride, key0, cnt, d, wtid);
+        if (V)
+            load_tile_sw<DP>(Vd, V, base, stride, key0, cnt, d, wtid);
+    }
+}
+
 // The key chunks of the warpgroup kernels through two stages of sw128 tiles (Ks, Vs: two
-// 64-row tiles each) by the WG warpgroups: where(i, K, V, base, key0, cnt) names chunk i
-// (rows key0 .. key0 + cnt - 1 at base + key * stride of K and V); body(i, Kt, Vt) runs on
-// every thread once chunk i is in shared memory. With WG = 2 each warpgroup loads one of
-// the two tiles; V = NULL: K alone (Vs unused). Callers commit their own earlier copies
-// (they complete with chunk 0).
+// 64-row tiles each) by the WG warpgroups (load_kv_sw): where(i, K, V, base, key0, cnt)
+// names chunk i (rows key0 .. key0 + cnt - 1 at base + key * stride of K and V; V = NULL,
+// with WG = 1 only: K alone, Vs unused); body(i, Kt, Vt) runs on every thread once chunk i is in shared
+// memory. Callers commit their own earlier copies (they complete with chunk 0).
 template <int DP, int WG, class Where, class Body>
 __device__ __forceinline__ void wg_stream(bf16 *Ks, bf16 *Vs, size_t stride, int d, int nch,
                                           Where where, Body body)
 {
     const int TE = NB * DP;
-    int wg = threadIdx.x / MMA_THREADS, wtid = threadIdx.x % MMA_THREADS;
     auto load = [&](int i) {
         const bf16 *K, *V;
         size_t base;
         int key0, cnt;
         where(i, K, V, base, key0, cnt);
-        bf16 *Kd = Ks + (i & 1) * TE, *Vd = Vs + (i & 1) * TE;
-        if (WG == 2 && V)
-            load_tile_sw<DP>(wg ? Vd : Kd, wg ? V : K, base, stride, key0, cnt, d, wtid);
-        else if (wg == 0) {
-            load_tile_sw<DP>(Kd, K, base, stride, key0, cnt, d, wtid);
-            if (V)
-                load_tile_sw<DP>(Vd, V, base, stride, key0, cnt, d, wtid);
-        }
+        load_kv_sw<DP, WG>(Ks + (i & 1) * TE, Vs + (i & 1) * TE, K, V, base, stride, key0, cnt, d);
     };
     if (nch > 0)
         load(0);
@@ -626,99 +633,31 @@ __device__ __forceinline__ void global_a_frags(uint32_t (&af)[DP / 16][4], const
         }
 }
 
-// ---- forward step over MT m-tiles per warp (rows a_row0 .. a_row0 + 16 MT - 1 of a padded
-// Q tile in shared memory): each K and V fragment loaded serves MT row tiles.
+// ---- the forward's online-softmax state of a warp's 16 rows (rows g and g + 8 a thread)
 
-template <int DP, int MT> struct fwd_acc {
-    float m[MT][2], l[MT][2], o[MT][DP / 8][4];
+template <int DP> struct fwd_acc {
+    float m[2], l[2], o[DP / 8][4];
     __device__ __forceinline__ void reset()
     {
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++) {
-            m[mt][0] = m[mt][1] = -INFINITY;
-            l[mt][0] = l[mt][1] = 0.0f;
-#pragma unroll
-            for (int nt = 0; nt < DP / 8; nt++)
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    o[mt][nt][e] = 0.0f;
-        }
+        m[0] = m[1] = -INFINITY;
+        l[0] = l[1] = 0.0f;
+        frag_zero(o);
     }
-    // Normalises o; lse[mt][i] (natural log) of row 16 mt + g + 8 i, -inf without keys.
-    __device__ __forceinline__ void finish(float (&lse)[MT][2])
+    // Normalises o; lse[i] (natural log) of row g + 8 i, -inf without keys.
+    __device__ __forceinline__ void finish(float (&lse)[2])
     {
 #pragma unroll
-        for (int mt = 0; mt < MT; mt++)
+        for (int i = 0; i < 2; i++) {
+            float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+            lse[i] = l[i] > 0.0f ? (m[i] + log2f(l[i])) * LN2 : -INFINITY;
 #pragma unroll
-            for (int i = 0; i < 2; i++) {
-                float inv = l[mt][i] > 0.0f ? 1.0f / l[mt][i] : 0.0f;
-                lse[mt][i] = l[mt][i] > 0.0f ? (m[mt][i] + log2f(l[mt][i])) * LN2 : -INFINITY;
-#pragma unroll
-                for (int nt = 0; nt < DP / 8; nt++) {
-                    o[mt][nt][2 * i] *= inv;
-                    o[mt][nt][2 * i + 1] *= inv;
-                }
+            for (int nt = 0; nt < DP / 8; nt++) {
+                o[nt][2 * i] *= inv;
+                o[nt][2 * i + 1] *= inv;
             }
+        }
     }
 };
-
-// One key chunk for the warp's MT m-tiles: scores, mask ok(mt, i, kk), online softmax,
-// O += P V.
-template <int DP, int MT, class Ok>
-__device__ __forceinline__ void fwd_step(fwd_acc<DP, MT> &acc, const bf16 *Qs, int a_row0,
-                                         const bf16 *Kt, const bf16 *Vt, float sl2, int lane,
-                                         Ok ok)
-{
-    const int LD = mcfg<DP>::LD;
-    int mi = lane / 8, r = lane % 8;
-    float s[MT][8][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++)
-                s[mt][nt][e] = 0.0f;
-#pragma unroll
-    for (int ks = 0; ks < DP / 16; ks++) {
-        uint32_t a[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++)
-            ldmatrix_x4(a[mt], Qs + (a_row0 + mt * 16 + (mi % 2) * 8 + r) * LD + ks * 16 +
-                                   (mi / 2) * 8);
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            uint32_t b[4];
-            ldmatrix_x4(b, Kt + (16 * j + (mi / 2) * 8 + r) * LD + ks * 16 + (mi % 2) * 8);
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) {
-                mma_bf16(s[mt][2 * j], a[mt], b[0], b[1]);
-                mma_bf16(s[mt][2 * j + 1], a[mt], b[2], b[3]);
-            }
-        }
-    }
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-        softmax_update<DP>(s[mt], acc.m[mt], acc.l[mt], acc.o[mt], sl2, lane,
-                           [&](int i, int kk) { return ok(mt, i, kk); });
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        uint32_t a[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++)
-            c_to_a(a[mt], s[mt][2 * j], s[mt][2 * j + 1]);
-#pragma unroll
-        for (int n2 = 0; n2 < DP / 16; n2++) {
-            uint32_t b[4];
-            ldmatrix_x4_trans(b, Vt + (16 * j + (mi % 2) * 8 + r) * LD + n2 * 16 + (mi / 2) * 8);
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) {
-                mma_bf16(acc.o[mt][2 * n2], a[mt], b[0], b[1]);
-                mma_bf16(acc.o[mt][2 * n2 + 1], a[mt], b[2], b[3]);
-            }
-        }
-    }
-}
 
 // Row g + 8 ii of a warp's C fragments x (DP columns), times `scale`, into dst[0 .. d) (fp32).
 template <int DP>

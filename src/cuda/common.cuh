@@ -33,7 +33,8 @@ typedef struct nsa__cuda_state {
     void *operands; // bf16 copies of fp32 operands (NSA_PRECISION_BF16), a second scratch
     size_t operands_bytes;
     int attn_simple; // 1: the warp-per-row attention kernels (any head_dim; slower)
-    int bf16_mt;     // m-tiles per warp of the bf16 forward kernels (1 or 2; NSA_CUDA_BF16_MT)
+    int bf16_mt;     // bf16 compressed and window forward: 2 the warpgroup kernels, 1 the warp
+                     // kernel, 16 rows a warp (NSA_CUDA_BF16_MT)
     int bf16_wg;     // warpgroups a block of the bf16 forward and dq warpgroup kernels
                      // (NSA_CUDA_BF16_WG; dk/dv: two for window and compressed, one for selected)
     int bf16_slc_union; // 1: the selected path always by union tiles (NSA_CUDA_BF16_SLC=union)

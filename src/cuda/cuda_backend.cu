@@ -335,7 +335,8 @@ extern "C" nsa_status nsa__cuda_backend_init(nsa_context *ctx, int num_threads)
         // warp-per-row kernels (read once here, kept in the context).
         const char *mode = getenv("NSA_CUDA_ATTN");
         s->attn_simple = mode && strcmp(mode, "simple") == 0;
-        // A tuning switch: NSA_CUDA_BF16_MT=1 runs the bf16 forward with 16 rows per warp.
+        // A tuning switch: NSA_CUDA_BF16_MT=1 runs the bf16 compressed and window forward
+        // by the warp kernel (16 rows a warp) instead of the warpgroup kernels.
         const char *mt = getenv("NSA_CUDA_BF16_MT");
         s->bf16_mt = mt && strcmp(mt, "1") == 0 ? 1 : 2;
         // NSA_CUDA_BF16_WG=1: the warpgroup kernels with one warpgroup (64 rows) a block

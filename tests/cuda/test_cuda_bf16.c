@@ -213,7 +213,8 @@ static void test_bf16_attention(void)
         bf16_case(&cases[i]);
 }
 
-// The other kernel variants: 16 rows per warp (NSA_CUDA_BF16_MT=1) instead of 32, and the
+// The other kernel variants: the compressed and window forward by the warp kernel, 16 rows
+// a warp (NSA_CUDA_BF16_MT=1), instead of the warpgroup kernels, and the
 // selected path by union tiles (NSA_CUDA_BF16_SLC=union) for every group size (by default
 // H/G a multiple of 16 runs a warp per position, smaller groups key blocks outside).
 static void test_bf16_attention_mt1(void)
