@@ -4,14 +4,16 @@
 # NSA attention against PyTorch SDPA (bench/bench_cuda.py). Logs and the table go to $OUT
 # (default ./gpu_out).
 #
-#   bash bench/run_gpu.sh [all|test|train|bench|groups]
+#   bash bench/run_gpu.sh [all|test|train|bench|groups|ab]
 #   env: SEQ_LENS=8192,16384 REPS=5 NSA_DTYPE=bf16|fp32|both (the bench), GQA_GROUPS="64:64 16:4"
 #        GQA_T=16384 (H:G pairs of the small-group comparison), TESTS=... and
 #        SANITIZE=... (which device tests run, and which run under compute-sanitizer; empty:
 #        none),
 #        PROFILE=1 PROFILE_T=16384 PROFILE_KERNELS=regex (kernel times by ncu, of the kernels
 #        matching regex when given), PROFILE_DETAIL=regex (ncu's
-#        throughput, occupancy and stall sections for the bf16 kernels matching regex)
+#        throughput, occupancy and stall sections for the bf16 kernels matching regex),
+#        AB_VAR=NSA_CUDA_SLCW AB_VALUES="0 1 2" AB_T=65536 (ab: bench_attn_cuda once per value of
+#        the tuning variable, alternating, AB_ROUNDS=2 times)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -59,6 +61,7 @@ if [ "$what" = all ] || [ "$what" = test ]; then
         echo "== compute-sanitizer memcheck ($t)"
         start=$(date +%s)
         timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 build/cuda/$t \
+            $([ $t = test_cuda_bf16 ] && echo --no-variants) \
             >"$OUT/memcheck_$t.log" 2>&1 || status=1
         grep -E "^(FAIL|RESULT)|ERROR SUMMARY|=========" "$OUT/memcheck_$t.log" | head -n 20
         echo "memcheck: $(( $(date +%s) - start )) s"
@@ -96,7 +99,7 @@ build/cuda/gpu_limits || status=1
 
 if [ -n "${PROFILE_DETAIL:-}" ]; then
     echo "== ncu sections, kernels matching ${PROFILE_DETAIL}, T=${PROFILE_T:-16384}"
-    timeout 400 ncu -k "regex:${PROFILE_DETAIL}" --launch-count "${PROFILE_COUNT:-8}" \
+    timeout 400 ncu --clock-control none -k "regex:${PROFILE_DETAIL}" --launch-count "${PROFILE_COUNT:-8}" \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
         --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
         --section SchedulerStats build/cuda/bench_attn_cuda --seq-lens "${PROFILE_T:-16384}" \
@@ -107,7 +110,7 @@ fi
 
 if [ -n "${PROFILE:-}" ]; then
     echo "== kernel times (ncu, T=${PROFILE_T:-16384}: forward, inference forward, backward)"
-    timeout 240 ncu ${PROFILE_KERNELS:+-k "regex:$PROFILE_KERNELS"} \
+    timeout 240 ncu --clock-control none ${PROFILE_KERNELS:+-k "regex:$PROFILE_KERNELS"} \
         --metrics gpu__time_duration.sum --csv build/cuda/bench_attn_cuda \
         --seq-lens "${PROFILE_T:-16384}" --reps 1 --warmup 0 >"$OUT/ncu.csv" 2>"$OUT/ncu.err" || true
     python3 - "$OUT/ncu.csv" <<'PY' || tail -n 20 "$OUT/ncu.err"
@@ -121,6 +124,16 @@ for r in rows:
     ms = float(r[vi].replace(",", "")) * scale.get(r[ui], float("nan"))
     print(f"{ms:10.3f} ms  {r[ki][:110]}")
 PY
+fi
+
+if [ "$what" = ab ]; then
+    echo "== A/B: ${AB_VAR:?} in ${AB_VALUES:?}, T=${AB_T:-65536}"
+    for round in $(seq "${AB_ROUNDS:-2}"); do
+        for val in $AB_VALUES; do
+            env "$AB_VAR=$val" build/cuda/bench_attn_cuda --seq-lens "${AB_T:-65536}" \
+                --reps "${AB_REPS:-3}" | sed "s/^/$AB_VAR=$val: /" || status=1
+        done
+    done
 fi
 
 if [ "$what" = all ] || [ "$what" = bench ]; then

@@ -16,6 +16,9 @@
  * operand of P V; the softmax sums and the block scores use the fp32 values.
  */
 #include "cuda/attention_bf16.cuh"
+#include "cuda/tma.cuh"
+
+#include <string.h>
 
 // ---------------------------------------------------------------------------------------
 // Conversions
@@ -154,33 +157,46 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 }
 
 // The same by warpgroups (wgmma on sm_90a, mma.sync on the same tiles otherwise): WG
-// warpgroups of 64 rows each, Q in sw128 shared tiles, key chunks through RST stages shared
-// by the warpgroups. Software-pipelined within a warpgroup as FlashAttention-3 does: the
-// scores of chunk i + 1 run on the tensor cores while O is rescaled and O += P V of chunk i
-// is issued, and the softmax of chunk i + 1 runs while that product does. A chunk's stage
-// is refilled once every warpgroup is past its product (chunks i + 1 .. i + RST - 1 are
-// loaded or in flight).
-#define RST 4
-template <int DP, int WG> static size_t range_wg_smem_bytes()
+// warpgroups of 64 rows each, Q in sw128 shared tiles, key chunks of KC = 64 or 128 keys
+// through ST >= 3 stages shared by the warpgroups. Software-pipelined within a warpgroup as
+// FlashAttention-3 does: the scores of chunk i + 1 run on the tensor cores while O is
+// rescaled and O += P V of chunk i is issued, and the softmax of chunk i + 1 runs while that
+// product does. A chunk's stage is refilled once every warpgroup is past its product
+// (chunks i + 1 .. i + ST - 1 are loaded or in flight). With KC = 128 the scores are
+// m64n128 products: per key, a third less shared-memory traffic (the Q operand is read once
+// per 128 keys) and half the barriers; the 64 x 128 scores take 64 more registers a thread.
+// With TMA the key tiles come from the copy engine (tma.cuh; one thread issues a chunk's
+// copies, every thread waits on the stage's barrier) instead of cp.async by every thread.
+template <int DP, int WG, int KC, int ST> static size_t range_wg_smem_bytes()
 {
-    return (WG + 2 * RST) * (size_t)NB * DP * sizeof(bf16) + sizeof(mrows<MB * WG>) + SMEM_ALIGN;
+    return (WG * (size_t)NB + 2 * ST * (size_t)KC) * DP * sizeof(bf16) + sizeof(mrows<MB * WG>) +
+           ST * sizeof(uint64_t) + SMEM_ALIGN;
 }
 
-template <int DP, int WG, int PATH>
+template <int DP, int WG, int PATH, int KC, int ST, bool TMA>
 __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
     bf16_range_wg_kernel(float *o_path, float *lse3, const bf16 *q, const bf16 *K, const bf16 *V,
-                         attn_shape s)
+                         const __grid_constant__ CUtensorMap tmK,
+                         const __grid_constant__ CUtensorMap tmV, attn_shape s)
 {
-    const int R = MB * WG, TE = NB * DP;
+    static_assert(ST >= 3, "chunk i + 1 is loaded before chunk i's stage frees");
+    const int R = MB * WG, TQ = NB * DP, TC = KC * DP;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16 *Qs = (bf16 *)smem_aligned(smem_raw), *Ks = Qs + WG * TE, *Vs = Ks + RST * TE;
-    mrows<R> *tr = (mrows<R> *)(Vs + RST * TE);
+    bf16 *Qs = (bf16 *)smem_aligned(smem_raw), *Ks = Qs + WG * TQ, *Vs = Ks + ST * TC;
+    mrows<R> *tr = (mrows<R> *)(Vs + ST * TC);
+    uint64_t *full = (uint64_t *)(tr + 1); // TMA: stage i % ST holds chunk i
     int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
     int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4;
-    int wg = threadIdx.x / MMA_THREADS, row0 = wg * NB + warp * 16;
+    int wg = warpgroup_index(), row0 = wg * NB + warp * 16;
+    if (TMA && threadIdx.x == 0) {
+#pragma unroll
+        for (int i = 0; i < ST; i++)
+            mbar_init(&full[i], 1);
+        mbar_fence_init();
+    }
     mrows_init<R>(tr, s, tile, g, b);
     __syncthreads();
-    Qs += wg * TE;
+    Qs += wg * TQ;
     load_rows_sw<DP, R>(Qs, q, tr, s.d);
     cp_async_commit();
     long long first_rg = (long long)tile * R;
@@ -196,76 +212,100 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
     }
     int lo = PATH == PATH_CMP ? 0 : max(0, t_first - s.w + 1);
     int hi = PATH == PATH_CMP ? visible_cmp(s, t_last) : t_last + 1;
-    int nch = (hi - lo + NB - 1) / NB;
+    int nch = (hi - lo + KC - 1) / KC;
     int Tk = PATH == PATH_CMP ? s.Tc : s.T;
     size_t stride = (size_t)s.G * s.d, base = (size_t)b * Tk * stride + (size_t)g * s.d;
-    // chunk i into stage i % RST (one commit group each, empty past the end)
+    // chunk i into stage i % ST (cp.async: one commit group each, empty past the end)
     auto load = [&](int i) {
+        if (TMA) {
+            if (threadIdx.x == 0 && i < nch) {
+                uint64_t *bar = &full[i % ST];
+                long long row = (long long)b * Tk + lo + (long long)i * KC;
+                mbar_expect_tx(bar, 2 * TC * sizeof(bf16));
+                tma_tile<DP, KC>(Ks + (i % ST) * TC, &tmK, g, row, bar);
+                tma_tile<DP, KC>(Vs + (i % ST) * TC, &tmV, g, row, bar);
+            }
+            return;
+        }
         if (i < nch) {
-            int key0 = lo + i * NB;
-            load_kv_sw<DP, WG>(Ks + (i % RST) * TE, Vs + (i % RST) * TE, K, V, base, stride, key0,
-                               min(NB, hi - key0), s.d);
+            int key0 = lo + i * KC;
+            load_kv_sw<DP, WG, KC>(Ks + (i % ST) * TC, Vs + (i % ST) * TC, K, V, base, stride,
+                                   key0, min(KC, hi - key0), s.d);
         }
         cp_async_commit();
+    };
+    // TMA: chunk i in shared memory (every thread waits on its stage's barrier)
+    auto arrived = [&](int i) {
+        if (TMA)
+            mbar_wait(&full[i % ST], (unsigned)(i / ST) & 1u);
     };
     const float sl2 = s.scale * LOG2E;
     fwd_acc<DP> acc;
     acc.reset();
     int key0 = lo;
-    auto probs = [&](float (&sc)[8][4], float (&alpha)[2]) { // softmax of the chunk at key0
+    auto probs = [&](float (&sc)[KC / 8][4], float (&alpha)[2]) { // softmax of the chunk at key0
         bool full = true;
 #pragma unroll
         for (int ii = 0; ii < 2; ii++)
-            full = full && klo[ii] <= key0 && khi[ii] >= key0 + NB - 1;
+            full = full && klo[ii] <= key0 && khi[ii] >= key0 + KC - 1;
         if (__all_sync(0xffffffffu, full)) // no mask (most chunks)
-            softmax_probs(sc, acc.m, acc.l, alpha, sl2, lane, [](int, int) { return true; });
+            softmax_probs<KC>(sc, acc.m, acc.l, alpha, sl2, lane, [](int, int) { return true; });
         else
-            softmax_probs(sc, acc.m, acc.l, alpha, sl2, lane, [&](int ii, int kk) {
+            softmax_probs<KC>(sc, acc.m, acc.l, alpha, sl2, lane, [&](int ii, int kk) {
                 return key0 + kk >= klo[ii] && key0 + kk <= khi[ii];
             });
     };
 #pragma unroll
-    for (int i = 0; i < RST - 1; i++)
+    for (int i = 0; i < ST - 1; i++)
         load(i);
-    float sc[8][4], alpha[2] = {1.0f, 1.0f};
-    uint32_t a[4][4];
+    float sc[KC / 8][4], alpha[2] = {1.0f, 1.0f};
+    uint32_t a[KC / 16][4];
     if (nch > 0) {
-        cp_async_wait<RST - 2>(); // Q and chunk 0
+        if (TMA)
+            cp_async_wait<0>(); // Q
+        else
+            cp_async_wait<ST - 2>(); // Q and chunk 0
         fence_async_smem();
+        arrived(0);
         __syncthreads();
-        wg_rows_keys_issue<DP>(sc, Qs, Ks, warp, lane);
+        wg_rows_keys_issue<DP, KC>(sc, Qs, Ks, warp, lane);
         wg_wait<0>();
         wgmma_hold(sc);
         probs(sc, alpha);
 #pragma unroll
-        for (int j = 0; j < 4; j++)
+        for (int j = 0; j < KC / 16; j++)
             c_to_a(a[j], sc[2 * j], sc[2 * j + 1]);
     }
     for (int i = 0; i < nch; i++) {
         bool next = i + 1 < nch;
         // chunk i + 1 in shared memory; every warpgroup past the product of chunk i - 1,
-        // whose stage takes chunk i + RST - 1
-        cp_async_wait<RST - 3>();
-        fence_async_smem();
+        // whose stage takes chunk i + ST - 1
+        if (TMA) {
+            if (next)
+                arrived(i + 1);
+        } else {
+            cp_async_wait<ST - 3>();
+            fence_async_smem();
+        }
         __syncthreads();
-        load(i + RST - 1);
+        load(i + ST - 1);
         // (issued after the last chunk too, on chunk i's resident stage, and ignored: a
         // product issued on every path keeps the compiler from copying its accumulators
         // while it runs)
-        wg_rows_keys_issue<DP>(sc, Qs, Ks + ((next ? i + 1 : i) % RST) * TE, warp, lane);
+        wg_rows_keys_issue<DP, KC>(sc, Qs, Ks + ((next ? i + 1 : i) % ST) * TC, warp, lane);
         rescale_rows<DP>(acc.o, alpha);
-        wg_p_v_issue<DP>(acc.o, a, Vs + (i % RST) * TE, lane);
+        wg_p_v_issue<DP, KC>(acc.o, a, Vs + (i % ST) * TC, lane);
         wg_wait<1>(); // the scores of chunk i + 1
         wgmma_hold(sc);
         if (next) {
-            key0 = lo + (i + 1) * NB;
+            key0 = lo + (i + 1) * KC;
             probs(sc, alpha);
         }
         wg_wait<0>(); // O += P V of chunk i: a is free again
         wgmma_hold(acc.o);
         if (next)
 #pragma unroll
-            for (int j = 0; j < 4; j++)
+            for (int j = 0; j < KC / 16; j++)
                 c_to_a(a[j], sc[2 * j], sc[2 * j + 1]);
     }
     wg_wait<0>();
@@ -273,27 +313,43 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
     range_finish<DP>(acc, o_path, lse3, PATH, tr, row0, lane, s.d);
 }
 
-template <int DP, int WG, int PATH>
+template <int DP, int WG, int PATH, int KC>
 static nsa_status range_wg(nsa_context *ctx, const attn_shape &s, float *o_path, float *lse3,
                            const bf16 *q, const bf16 *K, const bf16 *V)
 {
+    const int ST = KC == 128 ? 3 : 4; // 224 KB and 160 KB of stages (two warpgroups)
+    int tma = nsa__cuda(ctx)->use_tma;
+    auto kernel = tma ? bf16_range_wg_kernel<DP, WG, PATH, KC, ST, true>
+                      : bf16_range_wg_kernel<DP, WG, PATH, KC, ST, false>;
+    CUtensorMap tmK, tmV;
+    memset(&tmK, 0, sizeof tmK);
+    memset(&tmV, 0, sizeof tmV);
+    int Tk = PATH == PATH_CMP ? s.Tc : s.T;
+    if (tma && Tk > 0) { // (no keys: no chunk is loaded)
+        NSA_TRY(nsa__cuda_tensor_map(ctx, &tmK, K, s.B, Tk, s.G, s.d, KC));
+        NSA_TRY(nsa__cuda_tensor_map(ctx, &tmV, V, s.B, Tk, s.G, s.d, KC));
+    }
     dim3 grid((unsigned)(((long long)s.Tq * s.hpg + WG * MB - 1) / (WG * MB)), s.G, s.B);
-    size_t bytes = range_wg_smem_bytes<DP, WG>();
-    NSA_TRY(allow_smem(ctx, bf16_range_wg_kernel<DP, WG, PATH>, bytes));
-    bf16_range_wg_kernel<DP, WG, PATH><<<grid, WG * MMA_THREADS, bytes, nsa__cuda_stream(ctx)>>>(
-        o_path, lse3, q, K, V, s);
+    size_t bytes = range_wg_smem_bytes<DP, WG, KC, ST>();
+    NSA_TRY(allow_smem(ctx, kernel, bytes));
+    kernel<<<grid, WG * MMA_THREADS, bytes, nsa__cuda_stream(ctx)>>>(o_path, lse3, q, K, V, tmK,
+                                                                     tmV, s);
     return NSA_OK;
 }
 
-// The compressed or window path: warpgroup kernels (NSA_CUDA_BF16_WG warpgroups a block),
-// or with NSA_CUDA_BF16_MT=1 the warp kernel.
+// The compressed or window path: warpgroup kernels (NSA_CUDA_BF16_WG warpgroups a block,
+// NSA_CUDA_RANGE_KC keys a chunk), or with NSA_CUDA_BF16_MT=1 the warp kernel.
 template <int DP, int PATH>
 static nsa_status range_path(nsa_context *ctx, const attn_shape &s, float *o_path, float *lse3,
                              const bf16 *q, const bf16 *K, const bf16 *V)
 {
     nsa__cuda_state *cs = nsa__cuda(ctx);
     if (cs->bf16_mt == 2) {
-        auto launch = cs->bf16_wg == 2 ? range_wg<DP, 2, PATH> : range_wg<DP, 1, PATH>;
+        int kc = PATH == PATH_CMP ? cs->range_kc[0] : cs->range_kc[1];
+        auto launch = cs->range_wg == 1   ? range_wg<DP, 1, PATH, 64>
+                      : cs->range_wg == 3 ? range_wg<DP, 3, PATH, 64>
+                      : kc == 128         ? range_wg<DP, 2, PATH, 128>
+                                          : range_wg<DP, 2, PATH, 64>;
         NSA_TRY(launch(ctx, s, o_path, lse3, q, K, V));
         if (PATH == PATH_CMP)
             NSA_CUDA_LAUNCHED("bf16_range_wg_kernel<compressed>");
@@ -335,20 +391,23 @@ template <int HALF, int BIT> static __device__ __forceinline__ void halve_sum(fl
 template <int DP> static size_t score_smem_bytes(const attn_shape &s)
 {
     int QT = MB / s.hpg, slots = QT > 4 ? QT : 4;
-    return 3 * (size_t)NB * DP * sizeof(bf16) + SMEM_ALIGN + sizeof(mrows<MB>) +
+    return 3 * (size_t)NB * DP * sizeof(bf16) + SMEM_ALIGN + 2 * sizeof(uint64_t) + sizeof(mrows<MB>) +
            ((size_t)QT * s.nb + 1) / 2 * 2 * sizeof(float) + 4 * (size_t)s.n * sizeof(int) +
            (size_t)slots * NB * sizeof(float);
 }
 
-template <int DP>
+template <int DP, bool TMA>
 __global__ void __launch_bounds__(MMA_THREADS, 4)
-    bf16_score_kernel(int32_t *idx, const float *lse3, const bf16 *q, const bf16 *kc, attn_shape s)
+    bf16_score_kernel(int32_t *idx, const float *lse3, const bf16 *q, const bf16 *kc,
+                      const __grid_constant__ CUtensorMap tmKc, attn_shape s)
 {
     const int TE = NB * DP;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    // Q and two stages of compressed keys, sw128 tiles (S = Q Kc^T by wg_rows_keys)
+    // Q and two stages of compressed keys, sw128 tiles (S = Q Kc^T by wg_rows_keys), the
+    // stages' barriers (TMA)
     bf16 *Qs = (bf16 *)smem_aligned(smem_raw), *Ks = Qs + TE;
-    mrows<MB> *tr = (mrows<MB> *)(Ks + 2 * TE);
+    uint64_t *bars = (uint64_t *)(Ks + 2 * TE);
+    mrows<MB> *tr = (mrows<MB> *)(bars + 2);
     int QT = MB / s.hpg;
     float *score = (float *)(tr + 1);
     int *tmp = (int *)(score + ((size_t)QT * s.nb + 1) / 2 * 2); // ssum's float2 8-aligned
@@ -359,6 +418,11 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
     int spp = wide ? s.hpg / 16 : 1; // slots per position
     int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
+    if (TMA && threadIdx.x == 0) {
+        mbar_init(&bars[0], 1);
+        mbar_init(&bars[1], 1);
+        mbar_fence_init();
+    }
     mrows_init<MB>(tr, s, tile, g, b);
     for (int e = threadIdx.x; e < QT * s.nb; e += MMA_THREADS)
         score[e] = 0.0f;
@@ -391,111 +455,121 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
     int tq_lane = tq0 + p_first + lane;
     int ncand_lane = fast && lane < p_per_warp && tq_lane < s.Tq
                          ? num_candidates(s, s.q_start + tq_lane) : 0;
-    wg_stream<DP, 1>(
-        Ks, Ks, stride, s.d, (nc_max + NB - 1) / NB,
-        [&](int i, const bf16 *&K, const bf16 *&V, size_t &bs, int &key0, int &cnt) {
-            key0 = i * NB;
-            cnt = min(NB, nc_max - key0);
-            K = kc, V = NULL, bs = base;
-        },
-        [&](int i, const bf16 *Kt, const bf16 *) {
-            int j0 = i * NB, cnt = min(NB, nc_max - j0);
-            float sc[8][4];
-            wg_rows_keys<DP>(sc, Qs, Kt, warp, lane);
-            if (wide) {
-                // a[2 nt + e]: token nt * 8 + 2 c4 + e summed over the thread's rows g, g + 8
-                float a[16];
-                if (j0 + NB <= vis[0]) { // the whole chunk visible (warp-uniform)
+    auto chunk = [&](int i, const bf16 *Kt, const bf16 *) {
+        int j0 = i * NB, cnt = min(NB, nc_max - j0);
+        float sc[8][4];
+        wg_rows_keys<DP>(sc, Qs, Kt, warp, lane);
+        if (wide) {
+            // a[2 nt + e]: token nt * 8 + 2 c4 + e summed over the thread's rows g, g + 8
+            float a[16];
+            if (j0 + NB <= vis[0]) { // the whole chunk visible (warp-uniform)
 #pragma unroll
-                    for (int nt = 0; nt < 8; nt++)
+                for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-                        for (int e = 0; e < 2; e++)
-                            a[2 * nt + e] = ex2_approx(fmaf(sc[nt][e], sl2, -l2[0])) +
-                                            ex2_approx(fmaf(sc[nt][2 + e], sl2, -l2[1]));
-                } else {
-#pragma unroll
-                    for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-                        for (int e = 0; e < 2; e++) {
-                            int kk = nt * 8 + 2 * c4 + e;
-                            float p0 = j0 + kk < vis[0] ? ex2_approx(fmaf(sc[nt][e], sl2, -l2[0])) : 0.0f;
-                            float p1 = j0 + kk < vis[1] ? ex2_approx(fmaf(sc[nt][2 + e], sl2, -l2[1])) : 0.0f;
-                            a[2 * nt + e] = p0 + p1;
-                        }
-                }
-                // sum over the 8 row groups, halving the values kept at each step (lane bit
-                // 4, 3, 2 keeps n-tiles bit 2, 1, 0): 14 shuffles; lane L ends with tokens
-                // 2 L, 2 L + 1 of the chunk
-                halve_sum<8, 16>(a, lane);
-                halve_sum<4, 8>(a, lane);
-                halve_sum<2, 4>(a, lane);
-                *reinterpret_cast<float2 *>(ssum + warp * NB + 2 * lane) = make_float2(a[0], a[1]);
-            } else { // the hpg row groups of a position
+                    for (int e = 0; e < 2; e++)
+                        a[2 * nt + e] = ex2_approx(fmaf(sc[nt][e], sl2, -l2[0])) +
+                                        ex2_approx(fmaf(sc[nt][2 + e], sl2, -l2[1]));
+            } else {
 #pragma unroll
                 for (int nt = 0; nt < 8; nt++)
 #pragma unroll
                     for (int e = 0; e < 2; e++) {
                         int kk = nt * 8 + 2 * c4 + e;
-                        float p0 = j0 + kk < vis[0] ? ex2_approx(sc[nt][e] * sl2 - l2[0]) : 0.0f;
-                        float p1 = j0 + kk < vis[1] ? ex2_approx(sc[nt][2 + e] * sl2 - l2[1]) : 0.0f;
-                        for (int o = 4; o < 4 * s.hpg; o <<= 1) {
-                            p0 += __shfl_xor_sync(0xffffffffu, p0, o);
-                            p1 += __shfl_xor_sync(0xffffffffu, p1, o);
-                        }
-                        if (gq % s.hpg == 0) {
-                            ssum[((warp * 16 + gq) / s.hpg) * NB + kk] = p0;
-                            ssum[((warp * 16 + gq + 8) / s.hpg) * NB + kk] = p1;
-                        }
+                        float p0 = j0 + kk < vis[0] ? ex2_approx(fmaf(sc[nt][e], sl2, -l2[0])) : 0.0f;
+                        float p1 = j0 + kk < vis[1] ? ex2_approx(fmaf(sc[nt][2 + e], sl2, -l2[1])) : 0.0f;
+                        a[2 * nt + e] = p0 + p1;
                     }
             }
-            if (fast) { // the warp's positions alone, offsets fixed
-                __syncwarp();
-                int blk0 = j0 / TB;
-                for (int pi = 0; pi < p_per_warp; pi++) {
-                    int nc = __shfl_sync(0xffffffffu, ncand_lane, pi), tqi = p_first + pi;
-                    for (int m = lane; m < n_m && blk0 + m < nc; m += 32) {
-                        int jl = max(0, m * TB - ov), jh = min(cnt - 1, m * TB + TB - 1);
-                        float sum = 0.0f;
-                        for (int jj = jl; jj <= jh; jj++)
-                            sum += ssum[tqi * NB + jj];
-                        score[(size_t)tqi * s.nb + blk0 + m] += sum;
+            // sum over the 8 row groups, halving the values kept at each step (lane bit
+            // 4, 3, 2 keeps n-tiles bit 2, 1, 0): 14 shuffles; lane L ends with tokens
+            // 2 L, 2 L + 1 of the chunk
+            halve_sum<8, 16>(a, lane);
+            halve_sum<4, 8>(a, lane);
+            halve_sum<2, 4>(a, lane);
+            *reinterpret_cast<float2 *>(ssum + warp * NB + 2 * lane) = make_float2(a[0], a[1]);
+        } else { // the hpg row groups of a position
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    int kk = nt * 8 + 2 * c4 + e;
+                    float p0 = j0 + kk < vis[0] ? ex2_approx(sc[nt][e] * sl2 - l2[0]) : 0.0f;
+                    float p1 = j0 + kk < vis[1] ? ex2_approx(sc[nt][2 + e] * sl2 - l2[1]) : 0.0f;
+                    for (int o = 4; o < 4 * s.hpg; o <<= 1) {
+                        p0 += __shfl_xor_sync(0xffffffffu, p0, o);
+                        p1 += __shfl_xor_sync(0xffffffffu, p1, o);
+                    }
+                    if (gq % s.hpg == 0) {
+                        ssum[((warp * 16 + gq) / s.hpg) * NB + kk] = p0;
+                        ssum[((warp * 16 + gq + 8) / s.hpg) * NB + kk] = p1;
                     }
                 }
-                __syncwarp();
-                return;
-            }
-            // block sums: with hpg <= 16 a warp owns whole positions and sums their blocks
-            // alone; wider positions span warps and wait for each other
-            int j_end = j0 + cnt - 1;
-            int i_lo = j0 * s.r / s.b, i_hi = (j_end * s.r + s.l - 1) / s.b;
-            int nblk = i_hi - i_lo + 1;
-            int p_lo = 0, p_n = QT, e0 = threadIdx.x, step = MMA_THREADS;
-            if (s.hpg <= 16) {
-                p_lo = warp * 16 / s.hpg;
-                p_n = 16 / s.hpg;
-                e0 = lane;
-                step = 32;
-                __syncwarp();
-            } else {
-                __syncthreads();
-            }
-            for (int e = e0; e < p_n * nblk; e += step) {
-                int tqi = p_lo + e / nblk, bi = i_lo + e % nblk;
-                int tq = tq0 + tqi;
-                if (tq >= s.Tq || bi >= num_candidates(s, s.q_start + tq))
-                    continue;
-                // tokens j with j*r <= (bi+1)*b - 1 and j*r + l - 1 >= bi*b
-                int a = bi * s.b - s.l + 1;
-                int jl = max(j0, a <= 0 ? 0 : (a + s.r - 1) / s.r);
-                int jh = min(j_end, ((bi + 1) * s.b - 1) / s.r);
-                float sum = 0.0f;
-                for (int sl = tqi * spp; sl < (tqi + 1) * spp; sl++)
+        }
+        if (fast) { // the warp's positions alone, offsets fixed
+            __syncwarp();
+            int blk0 = j0 / TB;
+            for (int pi = 0; pi < p_per_warp; pi++) {
+                int nc = __shfl_sync(0xffffffffu, ncand_lane, pi), tqi = p_first + pi;
+                for (int m = lane; m < n_m && blk0 + m < nc; m += 32) {
+                    int jl = max(0, m * TB - ov), jh = min(cnt - 1, m * TB + TB - 1);
+                    float sum = 0.0f;
                     for (int jj = jl; jj <= jh; jj++)
-                        sum += ssum[sl * NB + jj - j0];
-                score[(size_t)tqi * s.nb + bi] += sum;
+                        sum += ssum[tqi * NB + jj];
+                    score[(size_t)tqi * s.nb + blk0 + m] += sum;
+                }
             }
             __syncwarp();
-        });
+            return;
+        }
+        // block sums: with hpg <= 16 a warp owns whole positions and sums their blocks
+        // alone; wider positions span warps and wait for each other
+        int j_end = j0 + cnt - 1;
+        int i_lo = j0 * s.r / s.b, i_hi = (j_end * s.r + s.l - 1) / s.b;
+        int nblk = i_hi - i_lo + 1;
+        int p_lo = 0, p_n = QT, e0 = threadIdx.x, step = MMA_THREADS;
+        if (s.hpg <= 16) {
+            p_lo = warp * 16 / s.hpg;
+            p_n = 16 / s.hpg;
+            e0 = lane;
+            step = 32;
+            __syncwarp();
+        } else {
+            __syncthreads();
+        }
+        for (int e = e0; e < p_n * nblk; e += step) {
+            int tqi = p_lo + e / nblk, bi = i_lo + e % nblk;
+            int tq = tq0 + tqi;
+            if (tq >= s.Tq || bi >= num_candidates(s, s.q_start + tq))
+                continue;
+            // tokens j with j*r <= (bi+1)*b - 1 and j*r + l - 1 >= bi*b
+            int a = bi * s.b - s.l + 1;
+            int jl = max(j0, a <= 0 ? 0 : (a + s.r - 1) / s.r);
+            int jh = min(j_end, ((bi + 1) * s.b - 1) / s.r);
+            float sum = 0.0f;
+            for (int sl = tqi * spp; sl < (tqi + 1) * spp; sl++)
+                for (int jj = jl; jj <= jh; jj++)
+                    sum += ssum[sl * NB + jj - j0];
+            score[(size_t)tqi * s.nb + bi] += sum;
+        }
+        __syncwarp();
+    };
+    int nch = (nc_max + NB - 1) / NB;
+    if (TMA)
+        wg_stream_tma<DP>(
+            Ks, Ks, bars, g, nch,
+            [&](int i, const CUtensorMap *&mK, const CUtensorMap *&mV, long long &row) {
+                mK = &tmKc, mV = NULL, row = (long long)b * s.Tc + (long long)i * NB;
+            },
+            chunk);
+    else
+        wg_stream<DP, 1>(
+            Ks, Ks, stride, s.d, nch,
+            [&](int i, const bf16 *&K, const bf16 *&V, size_t &bs, int &key0, int &cnt) {
+                key0 = i * NB;
+                cnt = min(NB, nc_max - key0);
+                K = kc, V = NULL, bs = base;
+            },
+            chunk);
     __syncthreads();
     tile_select(score, tmp, QT, tq0, b, g, idx, s);
 }
@@ -620,44 +694,75 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 
 // ---------------------------------------------------------------------------------------
 // Selected blocks when H/G is a multiple of 16: a warp per (position, 16 query heads) streams
-// that position's own blocks, 32 keys at a time, through its own two shared-memory stages,
-// with no barrier across warps. The union tile above makes a whole block wait on the one
-// warp whose position chose the chunk in flight; here every warp always works (each block
-// is loaded once per 16 heads, the paper's kernel).
+// that position's own blocks, KEYS keys at a time, through its own shared-memory stages, with
+// no barrier across warps. The union tile above makes a whole block wait on the one warp
+// whose position chose the chunk in flight; here every warp always works (each block is
+// loaded once per 16 heads, the paper's kernel). With the paper's fixed selection the blocks
+// every position of the thread block holds (block 0, the two most recent) are first loaded
+// once for all its W warps (cta_stream_common), a barrier a chunk; each warp then streams
+// the rest of its selection alone.
 
-template <int DP>
-__global__ void __launch_bounds__(32 * SLCW_WARPS, 3)
+template <int DP, int KEYS, int ST, int W, int MINB>
+__global__ void __launch_bounds__(32 * W, MINB)
     bf16_slc_warp_kernel(float *out, float *o_slc, float *lse3, const float *o_cmp,
                          const float *o_win, const bf16 *q, const bf16 *k, const bf16 *v,
-                         const float *gates, const int32_t *idx, attn_shape s)
+                         const float *gates, const int32_t *idx, int share, attn_shape s)
 {
     const int LD = mcfg<DP>::LD;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4;
-    bf16 *Kw = (bf16 *)smem_raw + (size_t)warp * 2 * SLCW_STAGES * SLCW_KEYS * LD;
+    bf16 *pool = (bf16 *)smem_raw;
+    int *own = (int *)(pool + (size_t)W * 2 * ST * KEYS * LD) + warp * s.n;
     warp_unit u;
-    if (!warp_unit_of(u, s, warp))
+    bool valid = warp_unit_of<W>(u, s, warp);
+    cta_common cc = cta_common_of<W>(s, share && s.fixed);
+    if (!valid && cc.n_blocks == 0)
         return; // no barrier below spans warps
-    size_t row0 = u.row0;
-    uint32_t qf[DP / 16][4];
-    global_a_frags<DP>(qf, q, row0, s.d, lane);
     int g = blockIdx.y, b = blockIdx.z;
-    const int32_t *sel = idx + (((size_t)b * s.Tq + u.tq) * s.G + g) * s.n;
+    uint32_t qf[DP / 16][4];
+    const int32_t *sel = NULL;
+    if (valid) {
+        global_a_frags<DP>(qf, q, u.row0, s.d, lane);
+        sel = idx + (((size_t)b * s.Tq + u.tq) * s.G + g) * s.n;
+    }
     size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.T * stride + (size_t)g * s.d;
     const float sl2 = s.scale * LOG2E;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[DP / 8][4];
     frag_zero(o);
-    warp_stream_blocks<DP>(Kw, k, v, base, stride, s.d, sel, s.n, s.b, u.t, lane,
-                           [&](const bf16 *Kt, const bf16 *Vt, int cnt) {
-                               fwd_step_rq<DP, SLCW_KEYS>(m, l, o, qf, Kt, Vt, sl2, lane,
-                                                          [&](int, int kk) { return kk < cnt; });
-                           });
+    auto step = [&](const bf16 *Kt, const bf16 *Vt, int cnt) {
+        fwd_step_rq<DP, KEYS>(m, l, o, qf, Kt, Vt, sl2, lane, [&](int, int kk) { return kk < cnt; });
+    };
+    if (cc.n_blocks > 0)
+        cta_stream_common<DP, KEYS, ST, W>(pool, k, v, base, stride, s.d, cc, s.b, sel, s.n,
+                                           valid ? u.t : -1, lane, step);
+    if (!valid)
+        return;
+    int nown = own_blocks(own, sel, s.n, cc, lane);
+    warp_stream_blocks<DP, KEYS, ST>(pool + (size_t)warp * 2 * ST * KEYS * LD, k, v, base,
+                                     stride, s.d, own, nown, s.b, u.t, lane, step);
 #pragma unroll
     for (int ii = 0; ii < 2; ii++)
-        slc_finish_row<DP>(row0 + gq + 8 * ii, ii, m, l, o, lane, out, o_slc, lse3, o_cmp, o_win,
-                           gates, s.d);
+        slc_finish_row<DP>(u.row0 + gq + 8 * ii, ii, m, l, o, lane, out, o_slc, lse3, o_cmp,
+                           o_win, gates, s.d);
 }
 
+template <int DP, int KEYS, int ST, int W, int MINB>
+static nsa_status slc_warp(nsa_context *ctx, const attn_shape &s, float *out, float *o_slc,
+                           float *lse3, const float *o_cmp, const float *o_win, const bf16 *q,
+                           const bf16 *k, const bf16 *v, const float *gates, const int32_t *idx)
+{
+    auto kernel = bf16_slc_warp_kernel<DP, KEYS, ST, W, MINB>;
+    size_t wbytes = slcw_smem_bytes<DP, KEYS, ST, W>(s.n);
+    long long units = (long long)s.Tq * (s.hpg / 16);
+    NSA_TRY(allow_smem(ctx, kernel, wbytes));
+    NSA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared));
+    dim3 wgrid((unsigned)((units + W - 1) / W), s.G, s.B);
+    kernel<<<wgrid, 32 * W, wbytes, nsa__cuda_stream(ctx)>>>(
+        out, o_slc, lse3, o_cmp, o_win, q, k, v, gates, idx, nsa__cuda(ctx)->bf16_slc_share, s);
+    NSA_CUDA_LAUNCHED("bf16_slc_warp_kernel");
+    return NSA_OK;
+}
 
 // ---------------------------------------------------------------------------------------
 // The op
@@ -678,23 +783,29 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
     if (phase == 0) {
         NSA_TRY((range_path<DP, PATH_CMP>(ctx, s, o_cmp, lse3, q, kc, vc)));
         if (fused) {
+            int tma = nsa__cuda(ctx)->use_tma && s.Tc > 0;
+            auto kernel = tma ? bf16_score_kernel<DP, true> : bf16_score_kernel<DP, false>;
+            CUtensorMap tm;
+            memset(&tm, 0, sizeof tm);
+            if (tma)
+                NSA_TRY(nsa__cuda_tensor_map(ctx, &tm, kc, s.B, s.Tc, s.G, s.d, NB));
             size_t sbytes = score_smem_bytes<DP>(s);
-            NSA_TRY(allow_smem(ctx, bf16_score_kernel<DP>, sbytes));
+            NSA_TRY(allow_smem(ctx, kernel, sbytes));
             dim3 sgrid((unsigned)(((long long)s.Tq * s.hpg + MB - 1) / MB), s.G, s.B);
-            bf16_score_kernel<DP><<<sgrid, MMA_THREADS, sbytes, st>>>(idx, lse3, q, kc, s);
+            kernel<<<sgrid, MMA_THREADS, sbytes, st>>>(idx, lse3, q, kc, tm, s);
             NSA_CUDA_LAUNCHED("bf16_score_kernel");
         }
     } else {
         NSA_TRY((range_path<DP, PATH_WIN>(ctx, s, o_win, lse3, q, k, v)));
         if (s.hpg % 16 == 0 && !nsa__cuda(ctx)->bf16_slc_union) {
-            size_t wbytes = slcw_smem_bytes<DP>();
-            long long units = (long long)s.Tq * (s.hpg / 16);
-            NSA_TRY(allow_smem(ctx, bf16_slc_warp_kernel<DP>, wbytes));
-            dim3 wgrid((unsigned)((units + SLCW_WARPS - 1) / SLCW_WARPS), s.G, s.B);
-            bf16_slc_warp_kernel<DP><<<wgrid, 32 * SLCW_WARPS, wbytes, st>>>(
-                out, o_slc, lse3, o_cmp, o_win, q, k, v, gates, idx, s);
-            NSA_CUDA_LAUNCHED("bf16_slc_warp_kernel");
-            return NSA_OK;
+            switch (nsa__cuda(ctx)->bf16_slcw[0]) {
+#define SLCW_CASE(id, keys, st, w, minb)                                                     \
+    case id:                                                                                 \
+        return slc_warp<DP, keys, st, w, minb>(ctx, s, out, o_slc, lse3, o_cmp, o_win, q, k,  \
+                                               v, gates, idx);
+                SLCW_CONFIGS(SLCW_CASE)
+#undef SLCW_CASE
+            }
         }
         if (kv_scratch)
             return nsa__cuda_slc_kv_forward(ctx, s, kv_scratch, out, o_slc, lse3, o_cmp, o_win,

@@ -18,6 +18,7 @@
 
 #include "cuda/attention.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/tma.cuh"
 #include "cuda/wgmma.cuh"
 
 #define MB 64 // query rows per thread block
@@ -53,44 +54,44 @@ __device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *X, size_t base,
 }
 
 #if NSA_WGMMA
-// d (64 x DP) += A B with A from registers and B a sw128 tile of NB rows read MN-major
+// d (64 x DP) += A B with A from registers and B a sw128 tile of R rows read MN-major
 // (k-step ks: rows 16ks .. 16ks + 15 of B).
-template <int DP>
+template <int DP, int R = NB>
 __device__ __forceinline__ void wgmma_rs_dp(float (&d)[DP / 8][4], const uint32_t (&a)[4],
                                             const bf16 *B, int ks)
 {
     if constexpr (DP == 128)
-        wgmma_rs_n128<1>(d, a, desc_mn(B, NB, ks), 1);
+        wgmma_rs_n128<1>(d, a, desc_mn(B, R, ks), 1);
     else
-        wgmma_rs_n64<1>(d, a, desc_mn(B, NB, ks), 1);
+        wgmma_rs_n64<1>(d, a, desc_mn(B, R, ks), 1);
 }
 #endif
 
-// load_tile into a sw128 tile of NB rows (wgmma.cuh); dst 1024-byte aligned. Thread tid
+// load_tile into a sw128 tile of R rows (wgmma.cuh); dst 1024-byte aligned. Thread tid
 // copies chunk column c = tid % CH of rows tid / CH + j * (128 / CH): its swizzled offset
 // moves by a constant per row step (row % 8 stays), so each copy costs two additions.
-template <int DP>
+template <int DP, int R = NB>
 __device__ __forceinline__ void load_tile_sw(bf16 *dst, const bf16 *X, size_t base, size_t stride,
                                              int key0, int cnt, int d, int tid = threadIdx.x)
 {
     const int CH = DP / 8, RS = MMA_THREADS / CH; // rows a pass
     int r0 = tid / CH, c = (tid % CH) * 8;
-    unsigned char *to = (unsigned char *)dst + sw128_off(NB, r0, c);
+    unsigned char *to = (unsigned char *)dst + sw128_off(R, r0, c);
     const bf16 *from = X + base + (size_t)(key0 + r0) * stride + c;
     bool col_ok = c < d;
 #pragma unroll
-    for (int j = 0; j < NB / RS; j++) {
+    for (int j = 0; j < R / RS; j++) {
         bool ok = col_ok && r0 + j * RS < cnt;
         cp_async16(to + j * RS * 128, ok ? from + (size_t)j * RS * stride : X, ok ? 16 : 0);
     }
 }
 
 // The same products on tiles in the sw128 layout, by warp and mma.sync (the fallback of the
-// warpgroup kernels where wgmma is absent): s (16 x 64) = A B^T, A rows a_row0 .. + 15 of a
-// 64-row sw128 tile, B a 64-row sw128 tile; o (16 x DP) += P B, P the A fragments of the
-// warp's rows over the 64 rows of B.
-template <int DP>
-__device__ __forceinline__ void mma_ss_sw(float (&s)[8][4], const bf16 *At, int a_row0,
+// warpgroup kernels where wgmma is absent): s (16 x KC) = A B^T, A rows a_row0 .. + 15 of a
+// 64-row sw128 tile, B a KC-row sw128 tile; o (16 x DP) += P B, P the A fragments of the
+// warp's rows over the KC rows of B.
+template <int DP, int KC = NB>
+__device__ __forceinline__ void mma_ss_sw(float (&s)[KC / 8][4], const bf16 *At, int a_row0,
                                           const bf16 *Bt, int lane)
 {
     const unsigned char *A = (const unsigned char *)At, *B = (const unsigned char *)Bt;
@@ -101,27 +102,27 @@ __device__ __forceinline__ void mma_ss_sw(float (&s)[8][4], const bf16 *At, int 
         uint32_t a[4];
         ldmatrix_x4(a, A + sw128_off(NB, a_row0 + (mi % 2) * 8 + r, ks * 16 + (mi / 2) * 8));
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
+        for (int j = 0; j < KC / 16; j++) {
             uint32_t b[4];
-            ldmatrix_x4(b, B + sw128_off(NB, 16 * j + (mi / 2) * 8 + r, ks * 16 + (mi % 2) * 8));
+            ldmatrix_x4(b, B + sw128_off(KC, 16 * j + (mi / 2) * 8 + r, ks * 16 + (mi % 2) * 8));
             mma_bf16(s[2 * j], a, b[0], b[1]);
             mma_bf16(s[2 * j + 1], a, b[2], b[3]);
         }
     }
 }
 
-template <int DP>
-__device__ __forceinline__ void mma_pv_sw(float (&o)[DP / 8][4], const uint32_t (&a)[4][4],
+template <int DP, int KC = NB>
+__device__ __forceinline__ void mma_pv_sw(float (&o)[DP / 8][4], const uint32_t (&a)[KC / 16][4],
                                           const bf16 *Bt, int lane)
 {
     const unsigned char *B = (const unsigned char *)Bt;
     int mi = lane / 8, r = lane % 8;
 #pragma unroll
-    for (int j = 0; j < 4; j++)
+    for (int j = 0; j < KC / 16; j++)
 #pragma unroll
         for (int n2 = 0; n2 < DP / 16; n2++) {
             uint32_t b[4];
-            ldmatrix_x4_trans(b, B + sw128_off(NB, 16 * j + (mi % 2) * 8 + r,
+            ldmatrix_x4_trans(b, B + sw128_off(KC, 16 * j + (mi % 2) * 8 + r,
                                                n2 * 16 + (mi / 2) * 8));
             mma_bf16(o[2 * n2], a[j], b[0], b[1]);
             mma_bf16(o[2 * n2 + 1], a[j], b[2], b[3]);
@@ -129,37 +130,41 @@ __device__ __forceinline__ void mma_pv_sw(float (&o)[DP / 8][4], const uint32_t 
 }
 
 // The products of a warpgroup (4 warps, each its 16 of the 64 rows) on sw128 tiles, by
-// wgmma where the build has it, else by mma.sync: s = A B^T (64 x 64; A, B 64-row tiles,
-// K = DP) and o += P B (P: the warp's A fragments over the 64 rows of B, [k-step][4]).
-// The _issue forms start one (wgmma: committed as one group, not waited; mma.sync: done on
-// return); wg_wait<N>() waits until at most N groups are pending.
-template <int DP>
-__device__ __forceinline__ void wg_rows_keys_issue(float (&s)[8][4], const bf16 *A, const bf16 *B,
-                                                   int warp, int lane)
+// wgmma where the build has it, else by mma.sync: s = A B^T (64 x KC; A a 64-row tile, B a
+// KC-row tile, K = DP) and o += P B (P: the warp's A fragments over the KC rows of B,
+// [k-step][4]). KC is 64 or 128 (keys a chunk). The _issue forms start one (wgmma:
+// committed as one group, not waited; mma.sync: done on return); wg_wait<N>() waits until
+// at most N groups are pending.
+template <int DP, int KC = NB>
+__device__ __forceinline__ void wg_rows_keys_issue(float (&s)[KC / 8][4], const bf16 *A,
+                                                   const bf16 *B, int warp, int lane)
 {
 #if NSA_WGMMA
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < DP / 16; ks++)
-        wgmma_ss_n64(s, desc_k(A, NB, ks), desc_k(B, NB, ks), ks > 0);
+        if constexpr (KC == 128)
+            wgmma_ss_n128(s, desc_k(A, NB, ks), desc_k(B, KC, ks), ks > 0);
+        else
+            wgmma_ss_n64(s, desc_k(A, NB, ks), desc_k(B, KC, ks), ks > 0);
     wgmma_commit();
 #else
-    mma_ss_sw<DP>(s, A, warp * 16, B, lane);
+    mma_ss_sw<DP, KC>(s, A, warp * 16, B, lane);
 #endif
 }
 
-template <int DP>
-__device__ __forceinline__ void wg_p_v_issue(float (&o)[DP / 8][4], const uint32_t (&a)[4][4],
+template <int DP, int KC = NB>
+__device__ __forceinline__ void wg_p_v_issue(float (&o)[DP / 8][4], const uint32_t (&a)[KC / 16][4],
                                              const bf16 *B, int lane)
 {
 #if NSA_WGMMA
     wgmma_fence();
 #pragma unroll
-    for (int j = 0; j < 4; j++)
-        wgmma_rs_dp<DP>(o, a[j], B, j);
+    for (int j = 0; j < KC / 16; j++)
+        wgmma_rs_dp<DP, KC>(o, a[j], B, j);
     wgmma_commit();
 #else
-    mma_pv_sw<DP>(o, a, B, lane);
+    mma_pv_sw<DP, KC>(o, a, B, lane);
 #endif
 }
 
@@ -201,19 +206,23 @@ __device__ __forceinline__ void wg_p_v(float (&o)[DP / 8][4], const uint32_t (&a
     wgmma_hold(o);
 }
 
-// Rows key0 .. key0 + cnt - 1 of K and V into the sw128 tiles Kd, Vd by the WG warpgroups
-// of the block: with two, one tile each; with one, both (V = NULL: K alone, one warpgroup).
-template <int DP, int WG>
+// Rows key0 .. key0 + cnt - 1 of K and V into the sw128 tiles Kd, Vd of R rows by the WG
+// warpgroups of the block: with two, one tile each; with one, both (V = NULL: K alone, one
+// warpgroup).
+template <int DP, int WG, int R = NB>
 __device__ __forceinline__ void load_kv_sw(bf16 *Kd, bf16 *Vd, const bf16 *K, const bf16 *V,
                                            size_t base, size_t stride, int key0, int cnt, int d)
 {
-    int wg = threadIdx.x / MMA_THREADS, wtid = threadIdx.x % MMA_THREADS;
-    if constexpr (WG == 2)
-        load_tile_sw<DP>(wg ? Vd : Kd, wg ? V : K, base, stride, key0, cnt, d, wtid);
+    int wg = warpgroup_index(), wtid = threadIdx.x % MMA_THREADS;
+    if constexpr (WG == 3) { // K by the first warpgroup, V by the second
+        if (wg < 2)
+            load_tile_sw<DP, R>(wg ? Vd : Kd, wg ? V : K, base, stride, key0, cnt, d, wtid);
+    } else if constexpr (WG == 2)
+        load_tile_sw<DP, R>(wg ? Vd : Kd, wg ? V : K, base, stride, key0, cnt, d, wtid);
     else {
-        load_tile_sw<DP>(Kd, K, base, stride, key0, cnt, d, wtid);
+        load_tile_sw<DP, R>(Kd, K, base, stride, key0, cnt, d, wtid);
         if (V)
-            load_tile_sw<DP>(Vd, V, base, stride, key0, cnt, d, wtid);
+            load_tile_sw<DP, R>(Vd, V, base, stride, key0, cnt, d, wtid);
     }
 }
 
@@ -248,6 +257,41 @@ __device__ __forceinline__ void wg_stream(bf16 *Ks, bf16 *Vs, size_t stride, int
         __syncthreads();
     }
     cp_async_wait<0>();
+}
+
+// The same with the key tiles by TMA (tma.cuh): src(i, mK, mV, row) names chunk i's tensor
+// maps (__grid_constant__ parameters; mV NULL: K alone) and its first row (b Tk + key0;
+// rows past the chunk's keys hold other keys, finite, which the callers mask); thread 0
+// issues each chunk's copies, every thread waits on the stage's barrier (bars: two, which
+// thread 0 initialised to a count of 1, then mbar_fence_init). Callers' earlier cp.async
+// copies are waited for and fenced before chunk 0.
+template <int DP, class Src, class Body>
+__device__ __forceinline__ void wg_stream_tma(bf16 *Ks, bf16 *Vs, uint64_t *bars, int g, int nch,
+                                              Src src, Body body)
+{
+    const int TE = NB * DP;
+    auto issue = [&](int i) {
+        const CUtensorMap *mK, *mV;
+        long long row;
+        src(i, mK, mV, row);
+        uint64_t *bar = &bars[i & 1];
+        mbar_expect_tx(bar, (mV ? 2 : 1) * TE * (unsigned)sizeof(bf16));
+        tma_tile<DP, NB>(Ks + (i & 1) * TE, mK, g, row, bar);
+        if (mV)
+            tma_tile<DP, NB>(Vs + (i & 1) * TE, mV, g, row, bar);
+    };
+    if (threadIdx.x == 0 && nch > 0)
+        issue(0);
+    cp_async_wait<0>();
+    fence_async_smem();
+    __syncthreads();
+    for (int i = 0; i < nch; i++) {
+        if (threadIdx.x == 0 && i + 1 < nch)
+            issue(i + 1); // into the stage chunk i - 1 used: every thread is past it
+        mbar_wait(&bars[i & 1], (unsigned)(i >> 1) & 1u);
+        body(i, Ks + (i & 1) * TE, Vs + (i & 1) * TE);
+        __syncthreads();
+    }
 }
 
 // Rounds the dynamic shared memory base up to 1024 bytes (sw128 tiles); the launchers
@@ -295,7 +339,7 @@ template <int DP, int R>
 __device__ __forceinline__ void load_rows_sw(bf16 *dst, const bf16 *X, const mrows<R> *tr, int d)
 {
     const int CH = DP / 8;
-    int wg = threadIdx.x / MMA_THREADS;
+    int wg = warpgroup_index();
     for (int e = threadIdx.x % MMA_THREADS; e < NB * CH; e += MMA_THREADS) {
         int r = e / CH, c = (e % CH) * 8, rr = wg * NB + r;
         bool ok = tr->t[rr] >= 0 && c < d;
@@ -530,46 +574,49 @@ __device__ __forceinline__ void dq_step(float (&dq)[DP / 8][4], const uint32_t (
     mma_p_v<DP, KT>(dq, sc, Kt, lane); // dQ += dS K: K's rows play V's part
 }
 
-// ---- one warp streaming one position's selected blocks
+// ---- the warp-per-position selected kernels: a warp per (position, 16 query heads)
 
-#define SLCW_KEYS 32 // keys per chunk of the warp-per-position selected kernels
-#define SLCW_WARPS 2 // warps per thread block of those kernels
-#define SLCW_STAGES 2 // key chunks of a warp in shared memory (SLCW_STAGES - 1 in flight;
-                      // 3 measured slower: 2 blocks per SM instead of 3)
+// Their chunking: KEYS keys a chunk, ST stages a warp in shared memory (ST - 1 chunks in
+// flight while one is used), W warps a thread block, MINB blocks per SM asked of the
+// compiler. NSA_CUDA_SLCW picks one by its id (X(id, KEYS, ST, W, MINB)).
+#define SLCW_CONFIGS(X)                                                                     \
+    X(0, 32, 2, 2, 3) X(1, 16, 2, 2, 6) X(2, 16, 2, 4, 3) X(3, 16, 2, 4, 2) X(4, 16, 3, 4, 2) \
+    X(5, 16, 2, 8, 1) // SLCW_NCONFIGS of them (common.cuh)
 
-// Shared memory of a warp: SLCW_STAGES stages of SLCW_KEYS rows of K and of V.
-template <int DP> static inline size_t slcw_smem_bytes()
+// Shared memory of a thread block: ST stages of KEYS rows of K and of V a warp, then each
+// warp's list of its own blocks (n ints).
+template <int DP, int KEYS, int ST, int W> static inline size_t slcw_smem_bytes(int n)
 {
-    return (size_t)SLCW_WARPS * 2 * SLCW_STAGES * SLCW_KEYS * mcfg<DP>::LD * sizeof(bf16);
+    return (size_t)W * 2 * ST * KEYS * mcfg<DP>::LD * sizeof(bf16) + (size_t)W * n * sizeof(int);
 }
 
 // The selected blocks sel[n] (any order, -1 for none) of position t, keys of each block up
-// to t, SLCW_KEYS at a time through the warp's stages Kw (K stages 0 .., then V) by
+// to t, KEYS at a time through the warp's ST stages Kw (K stages 0 .., then V) by
 // cp.async, no barrier beyond the warp: body(Kt, Vt, cnt) for every chunk of cnt > 0 keys.
 // Lane l copies 16-byte column l % CH of rows l / CH + j 32 / CH (constant steps).
-template <int DP, class Body>
+template <int DP, int KEYS, int ST, class Body>
 __device__ __forceinline__ void warp_stream_blocks(bf16 *Kw, const bf16 *K, const bf16 *V,
                                                    size_t base, size_t stride, int d,
                                                    const int32_t *sel, int n, int bsize, int t,
                                                    int lane, Body body)
 {
-    const int LD = mcfg<DP>::LD, CH = DP / 8, RS = 32 / CH, ST = SLCW_STAGES;
-    int subs = (bsize + SLCW_KEYS - 1) / SLCW_KEYS;
+    const int LD = mcfg<DP>::LD, CH = DP / 8, RS = 32 / CH;
+    int subs = (bsize + KEYS - 1) / KEYS;
     int r0 = lane / CH, c = (lane % CH) * 8;
     bool col_ok = c < d;
     auto chunk = [&](int i, int &key0, int &cnt) {
         int blk = sel[i / subs];
-        key0 = blk * bsize + (i % subs) * SLCW_KEYS;
-        cnt = blk < 0 ? 0 : min(SLCW_KEYS, min(blk * bsize + bsize, t + 1) - key0);
+        key0 = blk * bsize + (i % subs) * KEYS;
+        cnt = blk < 0 ? 0 : min(KEYS, min(blk * bsize + bsize, t + 1) - key0);
     };
-    auto stage = [&](int i, int v) { return Kw + ((v ? ST : 0) + i % ST) * SLCW_KEYS * LD; };
+    auto stage = [&](int i, int v) { return Kw + ((v ? ST : 0) + i % ST) * KEYS * LD; };
     auto issue = [&](int i) {
         int key0, cnt;
         chunk(i, key0, cnt);
         bf16 *Kd = stage(i, 0) + r0 * LD + c, *Vd = stage(i, 1) + r0 * LD + c;
         size_t at = base + (size_t)(key0 + r0) * stride + c;
 #pragma unroll
-        for (int j = 0; j < SLCW_KEYS / RS; j++) {
+        for (int j = 0; j < KEYS / RS; j++) {
             bool ok = col_ok && r0 + j * RS < cnt;
             size_t aj = at + (size_t)j * RS * stride;
             cp_async16(Kd + j * RS * LD, ok ? K + aj : K, ok ? 16 : 0);
@@ -604,10 +651,11 @@ struct warp_unit {
     size_t row0;
 };
 
+template <int W>
 static __device__ __forceinline__ bool warp_unit_of(warp_unit &u, const attn_shape &s, int warp)
 {
     int per_pos = s.hpg / 16;
-    long long unit = (long long)blockIdx.x * SLCW_WARPS + warp;
+    long long unit = (long long)blockIdx.x * W + warp;
     u.tq = (int)(unit / per_pos);
     if (u.tq >= s.Tq)
         return false;
@@ -615,6 +663,114 @@ static __device__ __forceinline__ bool warp_unit_of(warp_unit &u, const attn_sha
     u.row0 = ((size_t)blockIdx.z * s.Tq + u.tq) * s.H + (size_t)blockIdx.y * s.hpg +
              (size_t)(unit % per_pos) * 16;
     return true;
+}
+
+// The blocks a thread block of the warp-per-position kernels loads once for all its warps:
+// with the paper's fixed selection every position's block 0 and its two most recent blocks,
+// so block 0 and blocks cb_lo .. cb_hi (the positions t_first .. t_last of the block's
+// warps). Without it none (n_blocks 0).
+struct cta_common {
+    int t_last, cb_lo, cb_hi, n_blocks;
+    __device__ __forceinline__ bool holds(int blk) const
+    {
+        return n_blocks > 0 && (blk == 0 || (blk >= cb_lo && blk <= cb_hi));
+    }
+    __device__ __forceinline__ int block(int j) const { return j == 0 ? 0 : cb_lo + j - 1; }
+};
+
+template <int W>
+static __device__ __forceinline__ cta_common cta_common_of(const attn_shape &s, bool on)
+{
+    int per_pos = s.hpg / 16;
+    long long u0 = (long long)blockIdx.x * W;
+    long long u1 = min(u0 + W - 1, (long long)s.Tq * per_pos - 1);
+    int t_first = s.q_start + (int)(u0 / per_pos), t_last = s.q_start + (int)(u1 / per_pos);
+    cta_common c;
+    c.t_last = t_last;
+    c.cb_lo = max(1, t_first / s.b - 1);
+    c.cb_hi = t_last / s.b;
+    c.n_blocks = on ? 1 + max(0, c.cb_hi - c.cb_lo + 1) : 0;
+    return c;
+}
+
+// The common blocks of cc, keys up to the block's last position, KEYS at a time through the
+// W * ST stages of all warps (pool; stage j: K at 2 j KEYS LD, V after it) loaded by all
+// threads, a barrier a chunk: body(Kt, Vt, cnt) on every warp whose position t chose the
+// block (sel[n], its selection; t < 0: none), cnt > 0 its keys of the chunk (up to t).
+// All threads call it.
+template <int DP, int KEYS, int ST, int W, class Body>
+__device__ __forceinline__ void cta_stream_common(bf16 *pool, const bf16 *K, const bf16 *V,
+                                                  size_t base, size_t stride, int d,
+                                                  const cta_common &cc, int bsize,
+                                                  const int32_t *sel, int n, int t, int lane,
+                                                  Body body)
+{
+    const int LD = mcfg<DP>::LD, CH = DP / 8, P = W * ST, STAGE = KEYS * LD;
+    int subs = (bsize + KEYS - 1) / KEYS, nch = cc.n_blocks * subs;
+    auto chunk = [&](int i, int &key0, int &cnt) {
+        int blk = cc.block(i / subs);
+        key0 = blk * bsize + (i % subs) * KEYS;
+        cnt = min(KEYS, min(blk * bsize + bsize, cc.t_last + 1) - key0);
+    };
+    auto issue = [&](int i) {
+        if (i < nch) {
+            int key0, cnt;
+            chunk(i, key0, cnt);
+            bf16 *Kd = pool + (size_t)(2 * (i % P)) * STAGE;
+            for (int e = threadIdx.x; e < 2 * KEYS * CH; e += W * 32) {
+                int mat = e / (KEYS * CH), rem = e % (KEYS * CH), r = rem / CH;
+                int c = (rem % CH) * 8;
+                bool ok = r < cnt && c < d;
+                const bf16 *X = mat ? V : K;
+                cp_async16(Kd + mat * STAGE + r * LD + c,
+                           ok ? X + base + (size_t)(key0 + r) * stride + c : X, ok ? 16 : 0);
+            }
+        }
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int p = 0; p < P - 1; p++)
+        issue(p);
+    bool member = false;
+    for (int i = 0; i < nch; i++) {
+        issue(i + P - 1); // into the stage chunk i - 1 used: every warp is past it
+        cp_async_wait<P - 1>();
+        __syncthreads();
+        int key0, cnt;
+        chunk(i, key0, cnt);
+        if (i % subs == 0) { // a new block: did the warp's position choose it
+            int blk = key0 / bsize;
+            bool hit = false;
+            if (t >= 0)
+                for (int e = lane; e < n; e += 32)
+                    hit |= sel[e] == blk;
+            member = __any_sync(0xffffffffu, hit);
+        }
+        int cw = min(cnt, t - key0 + 1);
+        if (member && cw > 0)
+            body(pool + (size_t)(2 * (i % P)) * STAGE, pool + (size_t)(2 * (i % P) + 1) * STAGE,
+                 cw);
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+}
+
+// The warp's blocks of sel[n] outside the common ones, in sel's order, into own[]; their
+// count.
+static __device__ __forceinline__ int own_blocks(int *own, const int32_t *sel, int n,
+                                                 const cta_common &cc, int lane)
+{
+    int cnt = 0;
+    for (int i0 = 0; i0 < n; i0 += 32) {
+        int blk = i0 + lane < n ? sel[i0 + lane] : -1;
+        bool keep = blk >= 0 && !cc.holds(blk);
+        unsigned m = __ballot_sync(0xffffffffu, keep);
+        if (keep)
+            own[cnt + __popc(m & ((1u << lane) - 1u))] = blk;
+        cnt += __popc(m);
+    }
+    __syncwarp();
+    return cnt;
 }
 
 // A fragments of 16 rows row0 .. of X [rows, d] straight from global memory (zero past d).

@@ -17,6 +17,8 @@
  */
 #include "cuda/attention_bf16.cuh"
 
+#include <string.h>
+
 // ---------------------------------------------------------------------------------------
 // Preparation: one warp per row
 
@@ -194,23 +196,35 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 // pipeline. Writes dq (=); the selected path adds its part after.
 template <int DP, int WG> static size_t dq_wg_smem_bytes()
 {
-    return (2 * WG + 4) * (size_t)NB * DP * sizeof(bf16) + sizeof(mrows<MB * WG>) + SMEM_ALIGN;
+    return (2 * WG + 4) * (size_t)NB * DP * sizeof(bf16) + 2 * sizeof(uint64_t) +
+           sizeof(mrows<MB * WG>) + SMEM_ALIGN;
 }
 
-template <int DP, int WG>
-__global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
+// The tensor maps of the dq kernel's key tiles (TMA): compressed K, V, then K, V.
+struct dq_maps {
+    CUtensorMap kc, vc, k, v;
+};
+
+template <int DP, int WG, bool TMA>
+__global__ void __launch_bounds__(MMA_THREADS * WG, WG == 1 ? 2 : 1)
     bf16_bwd_dq_wg_kernel(float *dq, const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *kc,
                           const bf16 *vc, const bf16 *dO16, const float *gates, const float *lse3,
-                          const float *Dp, attn_shape s)
+                          const float *Dp, const __grid_constant__ dq_maps tm, attn_shape s)
 {
     const int R = MB * WG, TE = NB * DP;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16 *Qs = (bf16 *)smem_aligned(smem_raw), *Os = Qs + WG * TE, *Ks = Os + WG * TE;
     bf16 *Vs = Ks + 2 * TE;
-    mrows<R> *tr = (mrows<R> *)(Vs + 2 * TE);
+    uint64_t *bars = (uint64_t *)(Vs + 2 * TE); // the stages' barriers (TMA)
+    mrows<R> *tr = (mrows<R> *)(bars + 2);
     int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
     int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
-    int wg = threadIdx.x / MMA_THREADS;
+    int wg = warpgroup_index();
+    if (TMA && threadIdx.x == 0) {
+        mbar_init(&bars[0], 1);
+        mbar_init(&bars[1], 1);
+        mbar_fence_init();
+    }
     mrows_init<R>(tr, s, tile, g, b);
     __syncthreads();
     Qs += wg * TE, Os += wg * TE; // this warpgroup's rows wg * 64 ..
@@ -241,61 +255,72 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
     float acc[DP / 8][4];
     frag_zero(acc);
     auto key0_of = [&](int i) { return i < ncc ? i * NB : lo + (i - ncc) * NB; };
-    wg_stream<DP, WG>(
-        Ks, Vs, stride, s.d, nch,
-        [&](int i, const bf16 *&K, const bf16 *&V, size_t &base, int &key0, int &cnt) {
-            bool cmp = i < ncc;
-            key0 = key0_of(i);
-            cnt = min(NB, cmp ? nc_max - key0 : t_last + 1 - key0);
-            K = cmp ? kc : k, V = cmp ? vc : v, base = cmp ? cbase : wbase;
-        },
-        [&](int i, const bf16 *Kt, const bf16 *Vt) {
-            float sc[8][4], dp[8][4];
-            wg_rows_keys2<DP>(sc, Qs, Kt, dp, Os, Vt, warp, lane);
-            bool cmp = i < ncc;
-            int key0 = key0_of(i);
-            path_rows p; // the chunk's path, by selects (no indexed local array)
+    auto chunk = [&](int i, const bf16 *Kt, const bf16 *Vt) {
+        float sc[8][4], dp[8][4];
+        wg_rows_keys2<DP>(sc, Qs, Kt, dp, Os, Vt, warp, lane);
+        bool cmp = i < ncc;
+        int key0 = key0_of(i);
+        path_rows p; // the chunk's path, by selects (no indexed local array)
 #pragma unroll
-            for (int ii = 0; ii < 2; ii++) {
-                p.lse2[ii] = cmp ? prc.lse2[ii] : prw.lse2[ii];
-                p.gate[ii] = cmp ? prc.gate[ii] : prw.gate[ii];
-                p.D[ii] = cmp ? prc.D[ii] : prw.D[ii];
-            }
-            // key kk of the chunk for row i: compressed kk < lim[i] - key0; window
-            // 0 <= t - (key0 + kk) < w, i.e. kk in [t - w + 1 - key0, t - key0]
-            int klo[2], khi[2];
+        for (int ii = 0; ii < 2; ii++) {
+            p.lse2[ii] = cmp ? prc.lse2[ii] : prw.lse2[ii];
+            p.gate[ii] = cmp ? prc.gate[ii] : prw.gate[ii];
+            p.D[ii] = cmp ? prc.D[ii] : prw.D[ii];
+        }
+        // key kk of the chunk for row i: compressed kk < lim[i] - key0; window
+        // 0 <= t - (key0 + kk) < w, i.e. kk in [t - w + 1 - key0, t - key0]
+        int klo[2], khi[2];
 #pragma unroll
-            for (int ii = 0; ii < 2; ii++) {
-                klo[ii] = cmp ? 0 : trow[ii] - s.w + 1 - key0;
-                khi[ii] = cmp ? vis[ii] - 1 - key0 : trow[ii] - key0;
-            }
-            bool full = klo[0] <= 0 && klo[1] <= 0 && khi[0] >= NB - 1 && khi[1] >= NB - 1;
-            uint32_t a[4][4];
-            if (__all_sync(0xffffffffu, full)) {
+        for (int ii = 0; ii < 2; ii++) {
+            klo[ii] = cmp ? 0 : trow[ii] - s.w + 1 - key0;
+            khi[ii] = cmp ? vis[ii] - 1 - key0 : trow[ii] - key0;
+        }
+        bool full = klo[0] <= 0 && klo[1] <= 0 && khi[0] >= NB - 1 && khi[1] >= NB - 1;
+        uint32_t a[4][4];
+        if (__all_sync(0xffffffffu, full)) {
 #pragma unroll
-                for (int nt = 0; nt < 8; nt++)
+            for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        int ii = e / 2;
-                        float pp = ex2_approx(sc[nt][e] * sl2 - p.lse2[ii]);
-                        sc[nt][e] = pp * (p.gate[ii] * dp[nt][e] - p.D[ii]);
-                    }
-            } else {
+                for (int e = 0; e < 4; e++) {
+                    int ii = e / 2;
+                    float pp = ex2_approx(sc[nt][e] * sl2 - p.lse2[ii]);
+                    sc[nt][e] = pp * (p.gate[ii] * dp[nt][e] - p.D[ii]);
+                }
+        } else {
 #pragma unroll
-                for (int nt = 0; nt < 8; nt++)
+            for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        int ii = e / 2, kk = nt * 8 + 2 * c4 + (e & 1);
-                        bool ok = kk >= klo[ii] && kk <= khi[ii];
-                        float pp = ok ? ex2_approx(sc[nt][e] * sl2 - p.lse2[ii]) : 0.0f;
-                        sc[nt][e] = pp * (p.gate[ii] * dp[nt][e] - p.D[ii]);
-                    }
-            }
+                for (int e = 0; e < 4; e++) {
+                    int ii = e / 2, kk = nt * 8 + 2 * c4 + (e & 1);
+                    bool ok = kk >= klo[ii] && kk <= khi[ii];
+                    float pp = ok ? ex2_approx(sc[nt][e] * sl2 - p.lse2[ii]) : 0.0f;
+                    sc[nt][e] = pp * (p.gate[ii] * dp[nt][e] - p.D[ii]);
+                }
+        }
 #pragma unroll
-            for (int j = 0; j < 4; j++)
-                c_to_a(a[j], sc[2 * j], sc[2 * j + 1]);
-            wg_p_v<DP>(acc, a, Kt, lane); // dQ += dS K: K's rows play V's part
-        });
+        for (int j = 0; j < 4; j++)
+            c_to_a(a[j], sc[2 * j], sc[2 * j + 1]);
+        wg_p_v<DP>(acc, a, Kt, lane); // dQ += dS K: K's rows play V's part
+    };
+    if (TMA)
+        wg_stream_tma<DP>(
+            Ks, Vs, bars, g, nch,
+            [&](int i, const CUtensorMap *&mK, const CUtensorMap *&mV, long long &row) {
+                bool cmp = i < ncc;
+                mK = cmp ? &tm.kc : &tm.k, mV = cmp ? &tm.vc : &tm.v;
+                row = cmp ? (long long)b * s.Tc + key0_of(i) : (long long)b * s.T + key0_of(i);
+            },
+            chunk);
+    else
+        wg_stream<DP, WG>(
+            Ks, Vs, stride, s.d, nch,
+            [&](int i, const bf16 *&K, const bf16 *&V, size_t &base, int &key0, int &cnt) {
+                bool cmp = i < ncc;
+                key0 = key0_of(i);
+                cnt = min(NB, cmp ? nc_max - key0 : t_last + 1 - key0);
+                K = cmp ? kc : k, V = cmp ? vc : v, base = cmp ? cbase : wbase;
+            },
+            chunk);
 #pragma unroll
     for (int nt = 0; nt < DP / 8; nt++)
 #pragma unroll
@@ -310,49 +335,73 @@ static nsa_status dq_wg(nsa_context *ctx, const attn_shape &s, float *dq, const 
                         const bf16 *dO16, const float *gates, const float *lse, const float *Dp)
 {
     long long tiles = ((long long)s.T * s.hpg + WG * MB - 1) / (WG * MB);
+    int tma = nsa__cuda(ctx)->use_tma;
+    auto kernel = tma ? bf16_bwd_dq_wg_kernel<DP, WG, true> : bf16_bwd_dq_wg_kernel<DP, WG, false>;
+    dq_maps tm;
+    memset(&tm, 0, sizeof tm);
+    if (tma) {
+        if (s.Tc > 0) {
+            NSA_TRY(nsa__cuda_tensor_map(ctx, &tm.kc, kc, s.B, s.Tc, s.G, s.d, NB));
+            NSA_TRY(nsa__cuda_tensor_map(ctx, &tm.vc, vc, s.B, s.Tc, s.G, s.d, NB));
+        }
+        NSA_TRY(nsa__cuda_tensor_map(ctx, &tm.k, k, s.B, s.T, s.G, s.d, NB));
+        NSA_TRY(nsa__cuda_tensor_map(ctx, &tm.v, v, s.B, s.T, s.G, s.d, NB));
+    }
     size_t bytes = dq_wg_smem_bytes<DP, WG>();
-    NSA_TRY(allow_smem(ctx, bf16_bwd_dq_wg_kernel<DP, WG>, bytes));
-    bf16_bwd_dq_wg_kernel<DP, WG><<<dim3((unsigned)tiles, s.G, s.B), WG * MMA_THREADS, bytes,
-                                    nsa__cuda_stream(ctx)>>>(dq, q, k, v, kc, vc, dO16, gates, lse,
-                                                             Dp, s);
+    NSA_TRY(allow_smem(ctx, kernel, bytes));
+    kernel<<<dim3((unsigned)tiles, s.G, s.B), WG * MMA_THREADS, bytes, nsa__cuda_stream(ctx)>>>(
+        dq, q, k, v, kc, vc, dO16, gates, lse, Dp, tm, s);
     NSA_CUDA_LAUNCHED("bf16_bwd_dq_wg_kernel");
     return NSA_OK;
 }
 
 // dq of the selected path when H/G is a multiple of 16, added (+=) to what bf16_bwd_dq wrote:
 // a warp per (position, 16 heads) streams that position's own blocks (attention_bf16.cu's
-// bf16_slc_warp_kernel, backward), no barrier across warps.
-template <int DP>
-__global__ void __launch_bounds__(32 * SLCW_WARPS, 3)
+// bf16_slc_warp_kernel, backward, the common blocks loaded once a thread block as there),
+// no barrier across warps otherwise.
+template <int DP, int KEYS, int ST, int W, int MINB>
+__global__ void __launch_bounds__(32 * W, MINB)
     bf16_bwd_dq_slc_warp_kernel(float *dq, const bf16 *q, const bf16 *k, const bf16 *v,
                                 const bf16 *dO16, const float *gates, const float *lse3,
-                                const float *Dp, const int32_t *idx, attn_shape s)
+                                const float *Dp, const int32_t *idx, int share, attn_shape s)
 {
     const int LD = mcfg<DP>::LD;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
-    bf16 *Kw = (bf16 *)smem_raw + (size_t)warp * 2 * SLCW_STAGES * SLCW_KEYS * LD;
+    bf16 *pool = (bf16 *)smem_raw;
+    int *own = (int *)(pool + (size_t)W * 2 * ST * KEYS * LD) + warp * s.n;
     warp_unit u;
-    if (!warp_unit_of(u, s, warp))
+    bool valid = warp_unit_of<W>(u, s, warp);
+    cta_common cc = cta_common_of<W>(s, share && s.fixed);
+    if (!valid && cc.n_blocks == 0)
         return;
-    uint32_t qf[DP / 16][4], of[DP / 16][4];
-    global_a_frags<DP>(qf, q, u.row0, s.d, lane);
-    global_a_frags<DP>(of, dO16, u.row0, s.d, lane);
-    path_rows pr;
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-        pr.set(i, true, u.row0 + gq + 8 * i, PATH_SLC, lse3, gates, Dp);
     int g = blockIdx.y, b = blockIdx.z;
-    const int32_t *sel = idx + (((size_t)b * s.Tq + u.tq) * s.G + g) * s.n;
+    uint32_t qf[DP / 16][4], of[DP / 16][4];
+    path_rows pr;
+    const int32_t *sel = NULL;
+    if (valid) {
+        global_a_frags<DP>(qf, q, u.row0, s.d, lane);
+        global_a_frags<DP>(of, dO16, u.row0, s.d, lane);
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+            pr.set(i, true, u.row0 + gq + 8 * i, PATH_SLC, lse3, gates, Dp);
+        sel = idx + (((size_t)b * s.Tq + u.tq) * s.G + g) * s.n;
+    }
     size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.T * stride + (size_t)g * s.d;
     const float sl2 = s.scale * LOG2E;
     float acc[DP / 8][4];
     frag_zero(acc);
-    warp_stream_blocks<DP>(Kw, k, v, base, stride, s.d, sel, s.n, s.b, u.t, lane,
-                           [&](const bf16 *Kt, const bf16 *Vt, int cnt) {
-                               dq_step<DP, SLCW_KEYS>(acc, qf, of, Kt, Vt, pr, sl2, lane,
-                                                      [&](int, int kk) { return kk < cnt; });
-                           });
+    auto step = [&](const bf16 *Kt, const bf16 *Vt, int cnt) {
+        dq_step<DP, KEYS>(acc, qf, of, Kt, Vt, pr, sl2, lane, [&](int, int kk) { return kk < cnt; });
+    };
+    if (cc.n_blocks > 0)
+        cta_stream_common<DP, KEYS, ST, W>(pool, k, v, base, stride, s.d, cc, s.b, sel, s.n,
+                                           valid ? u.t : -1, lane, step);
+    if (!valid)
+        return;
+    int nown = own_blocks(own, sel, s.n, cc, lane);
+    warp_stream_blocks<DP, KEYS, ST>(pool + (size_t)warp * 2 * ST * KEYS * LD, k, v, base,
+                                     stride, s.d, own, nown, s.b, u.t, lane, step);
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         float *row = dq + (u.row0 + gq + 8 * i) * s.d;
@@ -367,6 +416,25 @@ __global__ void __launch_bounds__(32 * SLCW_WARPS, 3)
             *reinterpret_cast<float2 *>(row + col) = x;
         }
     }
+}
+
+template <int DP, int KEYS, int ST, int W, int MINB>
+static nsa_status dq_slc_warp(nsa_context *ctx, const attn_shape &s, float *dq, const bf16 *q,
+                              const bf16 *k, const bf16 *v, const bf16 *dO16, const float *gates,
+                              const float *lse, const float *Dp, const int32_t *idx)
+{
+    auto kernel = bf16_bwd_dq_slc_warp_kernel<DP, KEYS, ST, W, MINB>;
+    size_t wbytes = slcw_smem_bytes<DP, KEYS, ST, W>(s.n);
+    long long units = (long long)s.T * (s.hpg / 16);
+    NSA_TRY(allow_smem(ctx, kernel, wbytes));
+    NSA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared));
+    dim3 wgrid((unsigned)((units + W - 1) / W), s.G, s.B);
+    kernel<<<wgrid, 32 * W, wbytes, nsa__cuda_stream(ctx)>>>(dq, q, k, v, dO16, gates, lse, Dp,
+                                                             idx, nsa__cuda(ctx)->bf16_slc_share,
+                                                             s);
+    NSA_CUDA_LAUNCHED("bf16_bwd_dq_slc_warp_kernel");
+    return NSA_OK;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -398,7 +466,7 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
     // per query row of each stage: {position (-1: no gradient), lse * log2(e), gate, D}
     float4 *meta_s = (float4 *)(Os + 2 * TE);
     int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
-    int wg = threadIdx.x / MMA_THREADS, wtid = threadIdx.x % MMA_THREADS;
+    int wg = warpgroup_index(), wtid = threadIdx.x % MMA_THREADS;
     int Tk = PATH == PATH_CMP ? s.Tc : s.T;
 
     // The key tile and its query rows (dkv_work_of, shared with the fp32 kernel).
@@ -610,17 +678,20 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
             dq, q, k, v, kc, vc, dO16, gates, lse, Dp, idx, 1, s);
         NSA_CUDA_LAUNCHED("bf16_bwd_dq_kernel");
     } else {
-        auto launch = nsa__cuda(ctx)->bf16_wg == 2 ? dq_wg<DP, 2> : dq_wg<DP, 1>;
+        int wgs = nsa__cuda(ctx)->dq_wg;
+        auto launch = wgs == 3 ? dq_wg<DP, 3> : wgs == 2 ? dq_wg<DP, 2> : dq_wg<DP, 1>;
         NSA_TRY(launch(ctx, s, dq, q, k, v, kc, vc, dO16, gates, lse, Dp));
     }
     if (warp_slc) {
-        size_t wbytes = slcw_smem_bytes<DP>();
-        long long units = (long long)s.T * (s.hpg / 16);
-        NSA_TRY(allow_smem(ctx, bf16_bwd_dq_slc_warp_kernel<DP>, wbytes));
-        dim3 wgrid((unsigned)((units + SLCW_WARPS - 1) / SLCW_WARPS), s.G, s.B);
-        bf16_bwd_dq_slc_warp_kernel<DP><<<wgrid, 32 * SLCW_WARPS, wbytes, st>>>(
-            dq, q, k, v, dO16, gates, lse, Dp, idx, s);
-        NSA_CUDA_LAUNCHED("bf16_bwd_dq_slc_warp_kernel");
+        switch (nsa__cuda(ctx)->bf16_slcw[1]) {
+#define SLCW_CASE(id, keys, st, w, minb)                                                     \
+    case id:                                                                                 \
+        NSA_TRY((dq_slc_warp<DP, keys, st, w, minb>(ctx, s, dq, q, k, v, dO16, gates, lse,    \
+                                                    Dp, idx)));                              \
+        break;
+            SLCW_CONFIGS(SLCW_CASE)
+#undef SLCW_CASE
+        }
     }
 
     // window and compressed: tiles of 128 keys (two warpgroups); selected: one block

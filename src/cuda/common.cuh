@@ -21,6 +21,8 @@ extern "C" {
 #include "internal.h"
 }
 
+#define SLCW_NCONFIGS 6 // chunkings of the warp-per-position selected kernels (SLCW_CONFIGS)
+
 // The backend's state, in ctx->impl.
 typedef struct nsa__cuda_state {
     int device;
@@ -35,9 +37,20 @@ typedef struct nsa__cuda_state {
     int attn_simple; // 1: the warp-per-row attention kernels (any head_dim; slower)
     int bf16_mt;     // bf16 compressed and window forward: 2 the warpgroup kernels, 1 the warp
                      // kernel, 16 rows a warp (NSA_CUDA_BF16_MT)
-    int bf16_wg;     // warpgroups a block of the bf16 forward and dq warpgroup kernels
-                     // (NSA_CUDA_BF16_WG; dk/dv: two for window and compressed, one for selected)
+    int range_wg;    // warpgroups a block (1 .. 3) of the bf16 compressed and window forward
+    int dq_wg;       // and of their dq (NSA_CUDA_BF16_WG sets both, NSA_CUDA_DQ_WG the second;
+                     // dk/dv: two for window and compressed, one for selected)
     int bf16_slc_union; // 1: the selected path always by union tiles (NSA_CUDA_BF16_SLC=union)
+    int bf16_slcw[2];   // chunking of the warp-per-position selected kernels, forward [0] and
+                        // dq [1] (NSA_CUDA_SLCW=fwd[,dq]: ids of SLCW_CONFIGS,
+                        // attention_bf16.cuh)
+    int range_kc[2];    // keys a chunk of the bf16 compressed [0] and window [1] forward
+                        // warpgroup kernels, 64 or 128 (NSA_CUDA_RANGE_KC=cmp[,win])
+    void *tma_encode;   // the driver's cuTensorMapEncodeTiled, NULL without one
+    int use_tma;        // 1: the warpgroup kernels load key tiles by TMA (tma.cuh) when the
+                        // encoder exists (NSA_CUDA_TMA=0: by cp.async)
+    int bf16_slc_share; // 1: those kernels load the blocks every position of a thread block
+                        // holds once for the block (NSA_CUDA_SLC_SHARE=0 turns it off)
 } nsa__cuda_state;
 
 static inline nsa__cuda_state *nsa__cuda(nsa_context *ctx)

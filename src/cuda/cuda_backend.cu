@@ -9,8 +9,10 @@
  * nsa_status with a message naming the call.
  */
 #include "cuda/common.cuh"
+#include "cuda/tma.cuh"
 
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 
 // ---------------------------------------------------------------------------------------
@@ -339,16 +341,85 @@ extern "C" nsa_status nsa__cuda_backend_init(nsa_context *ctx, int num_threads)
         // by the warp kernel (16 rows a warp) instead of the warpgroup kernels.
         const char *mt = getenv("NSA_CUDA_BF16_MT");
         s->bf16_mt = mt && strcmp(mt, "1") == 0 ? 1 : 2;
-        // NSA_CUDA_BF16_WG=1: the warpgroup kernels with one warpgroup (64 rows) a block
-        const char *wg = getenv("NSA_CUDA_BF16_WG");
-        s->bf16_wg = wg && strcmp(wg, "1") == 0 ? 1 : 2;
+        // NSA_CUDA_BF16_WG=1..3: the warpgroup kernels with that many warpgroups (64 rows
+        // each) a block; NSA_CUDA_DQ_WG=1..3 the dq kernel alone
+        s->range_wg = 3;
+        s->dq_wg = 3;
+        const char *wg = getenv("NSA_CUDA_BF16_WG"), *dqwg = getenv("NSA_CUDA_DQ_WG");
+        if (wg && wg[0] >= '1' && wg[0] <= '3' && !wg[1])
+            s->range_wg = s->dq_wg = wg[0] - '0';
+        if (dqwg && dqwg[0] >= '1' && dqwg[0] <= '3' && !dqwg[1])
+            s->dq_wg = dqwg[0] - '0';
         const char *slc = getenv("NSA_CUDA_BF16_SLC");
         s->bf16_slc_union = slc && strcmp(slc, "union") == 0;
+        // NSA_CUDA_SLCW=fwd[,dq]: the chunking of the warp-per-position selected kernels
+        // (defaults: 16-key chunks, 4 warps a block forward; 32-key chunks, 2 warps for dq)
+        s->bf16_slcw[0] = 2;
+        s->bf16_slcw[1] = 0;
+        const char *slcw = getenv("NSA_CUDA_SLCW");
+        if (slcw) {
+            int f = -1, q = -1, got = sscanf(slcw, "%d,%d", &f, &q);
+            if (got >= 1 && f >= 0 && f < SLCW_NCONFIGS)
+                s->bf16_slcw[0] = s->bf16_slcw[1] = f;
+            if (got == 2 && q >= 0 && q < SLCW_NCONFIGS)
+                s->bf16_slcw[1] = q;
+        }
+        // NSA_CUDA_RANGE_KC=cmp[,win]: keys a chunk (64 or 128) of the compressed and window
+        // forward warpgroup kernels
+        s->range_kc[0] = s->range_kc[1] = 64;
+        const char *kc = getenv("NSA_CUDA_RANGE_KC");
+        if (kc) {
+            int c0 = 0, c1 = 0, got = sscanf(kc, "%d,%d", &c0, &c1);
+            if (got >= 1 && (c0 == 64 || c0 == 128))
+                s->range_kc[0] = s->range_kc[1] = c0;
+            if (got == 2 && (c1 == 64 || c1 == 128))
+                s->range_kc[1] = c1;
+        }
+        // the TMA tensor-map encoder of the driver (no link to libcuda; absent: cp.async)
+        void *enc = NULL;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &enc, 12000,
+                                             cudaEnableDefault, &q) != cudaSuccess ||
+            q != cudaDriverEntryPointSuccess)
+            enc = NULL;
+        (void)cudaGetLastError();
+        s->tma_encode = enc;
+        const char *tma = getenv("NSA_CUDA_TMA");
+        s->use_tma = enc && !(tma && strcmp(tma, "0") == 0);
+        const char *share = getenv("NSA_CUDA_SLC_SHARE");
+        s->bf16_slc_share = !(share && strcmp(share, "0") == 0);
     }
     if (st != NSA_OK) {
         cuda_destroy(ctx);
         ctx->ops = NULL;
         return st;
     }
+    return NSA_OK;
+}
+
+// ---------------------------------------------------------------------------------------
+// TMA tensor maps (tma.cuh)
+
+nsa_status nsa__cuda_tensor_map(nsa_context *ctx, CUtensorMap *map, const void *X, int B, int Tk,
+                                int G, int d, int rows)
+{
+    typedef CUresult (*encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *,
+                                  const cuuint64_t *, const cuuint64_t *, const cuuint32_t *,
+                                  const cuuint32_t *, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                  CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+    encode_fn encode = (encode_fn)nsa__cuda(ctx)->tma_encode;
+    if (!encode)
+        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda: the driver has no TMA tensor-map encoder");
+    cuuint64_t dims[3] = {(cuuint64_t)d, (cuuint64_t)G, (cuuint64_t)B * (cuuint64_t)Tk};
+    cuuint64_t strides[2] = {(cuuint64_t)d * 2, (cuuint64_t)G * d * 2}; // bytes, dims 1 and 2
+    cuuint32_t box[3] = {64, 1, (cuuint32_t)rows}, estr[3] = {1, 1, 1};
+    CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, (void *)X, dims, strides, box,
+                        estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                        CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS)
+        return nsa__error(NSA_ERR_BACKEND,
+                          "cuda: cuTensorMapEncodeTiled failed (%d) for a [%d, %d, %d, %d] bf16 "
+                          "tensor, boxes of %d rows",
+                          (int)r, B, Tk, G, d, rows);
     return NSA_OK;
 }

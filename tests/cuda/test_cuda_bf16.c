@@ -196,6 +196,9 @@ static const attn_case cases[] = {
     // name                    B  T    H   G  d    b   w    r   l   n  score  fixed  given
     {"gqa16_d128_paper_shape", 1, 1100, 32, 2, 128, 64, 128, 16, 32, 6, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
     {"gqa16_d64_given", 2, 300, 16, 1, 64, 32, 64, 16, 32, 4, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_NONE, 1},
+    // given blocks under the paper's fixed selection: a position need not hold block 0 or its
+    // two most recent blocks, which the warp-per-position kernels load once a thread block
+    {"gqa16_d128_given_fixed", 1, 700, 16, 1, 128, 32, 64, 16, 32, 5, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 1},
     {"gqa4_d128_cmpattn_odd", 1, 301, 8, 2, 128, 32, 64, 16, 32, 5, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
     {"gqa1_d64_meankey", 2, 203, 4, 4, 64, 16, 40, 8, 16, 4, NSA_SELECT_MEAN_KEY, NSA_SELECT_FIXED_NONE, 0},
     {"gqa2_d32_small_blocks", 1, 150, 4, 2, 32, 8, 20, 4, 8, 5, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_NONE, 0},
@@ -223,6 +226,40 @@ static void test_bf16_attention_mt1(void)
     gpu = gpu_mt1;
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i += 2)
         bf16_case(&cases[i]);
+    gpu = keep;
+}
+
+// Tuning variants of the kernels, each in a context of its own: the warp-per-position
+// selected kernels (the cases with H/G a multiple of 16) in every chunking of SLCW_CONFIGS
+// (src/cuda/attention_bf16.cuh; ids 1 .. 5, 0 is the default above) and with the blocks
+// common to a thread block's positions loaded per warp; the compressed and window forward
+// with 64- and 128-key chunks, two warpgroups a block (three by default), key tiles by
+// cp.async instead of TMA, and dq with one warpgroup (every case).
+static void test_bf16_variants(void)
+{
+    static const struct {
+        const char *var, *val;
+        int warp_slc_only;
+    } vars[] = {
+        {"NSA_CUDA_SLCW", "1", 1}, {"NSA_CUDA_SLCW", "2", 1},      {"NSA_CUDA_SLCW", "3", 1},
+        {"NSA_CUDA_SLCW", "4", 1}, {"NSA_CUDA_SLCW", "5", 1},      {"NSA_CUDA_SLC_SHARE", "0", 1},
+        {"NSA_CUDA_RANGE_KC", "128", 0}, {"NSA_CUDA_RANGE_KC", "64", 0},
+        {"NSA_CUDA_BF16_WG", "2", 0},    {"NSA_CUDA_DQ_WG", "1", 0},      {"NSA_CUDA_TMA", "0", 0},
+    };
+    nsa_context *keep = gpu;
+    for (size_t v = 0; v < sizeof vars / sizeof vars[0]; v++) {
+        setenv(vars[v].var, vars[v].val, 1);
+        nsa_status st = nsa_context_create(&gpu, NSA_DEVICE_CUDA, 0);
+        unsetenv(vars[v].var);
+        CHECKF(st == NSA_OK, "context: %s", nsa_last_error());
+        if (st != NSA_OK)
+            break;
+        printf("  %s=%s\n", vars[v].var, vars[v].val);
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+            if (!vars[v].warp_slc_only || (cases[i].H / cases[i].G) % 16 == 0)
+                bf16_case(&cases[i]);
+        nsa_context_free(gpu);
+    }
     gpu = keep;
 }
 
@@ -350,10 +387,12 @@ static void test_bf16_model(void)
         free(hall[i]);
 }
 
-// --race: one small shape for compute-sanitizer racecheck.
+// --race: one small shape for compute-sanitizer racecheck; --no-variants: without
+// test_bf16_variants (the default kernels alone, for memcheck).
 int main(int argc, char **argv)
 {
     int race = argc > 1 && strcmp(argv[1], "--race") == 0;
+    int variants = !(argc > 1 && strcmp(argv[1], "--no-variants") == 0);
     if (!nsa_device_available(NSA_DEVICE_CUDA)) {
         printf("skip: no CUDA device\n");
         printf("RESULT 0 0\n");
@@ -385,6 +424,8 @@ int main(int argc, char **argv)
         RUN(test_bf16_rejects);
         RUN(test_bf16_attention);
         RUN(test_bf16_attention_mt1);
+        if (variants)
+            RUN(test_bf16_variants);
         RUN(test_bf16_model);
     }
     nsa_context_free(gpu_mt1);

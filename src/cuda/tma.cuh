@@ -1,0 +1,85 @@
+/*
+ * tma.cuh — Hopper's tensor memory accelerator (TMA) for the bf16 kernels: one thread copies
+ * a whole tile of keys from global to shared memory (cp.async.bulk.tensor), the copy
+ * completing on a transaction barrier (mbarrier) the consumers wait on. The tiles land in
+ * the sw128 layout of wgmma.cuh (the copy engine's 128-byte swizzle is the same pattern),
+ * so the products read them as they read tiles loaded by cp.async.
+ *
+ * Tensor maps describe X [B, Tk, G, d] bf16 (K, V, or their compressed tokens) as a 3-D
+ * tensor {d, G, B * Tk} with boxes {64, 1, rows}: one box is one 64-column panel of a tile
+ * of `rows` keys of one kv head. Columns past d and rows past B * Tk read as zeros. The
+ * encoder (cuTensorMapEncodeTiled) is the driver's, found at context creation
+ * (cudaGetDriverEntryPointByVersion); without it the kernels keep their cp.async loads.
+ */
+#ifndef NSA_CUDA_TMA_CUH
+#define NSA_CUDA_TMA_CUH
+
+#include <cuda.h>
+
+#include "cuda/common.cuh"
+#include "cuda/mma.cuh"
+
+// The tensor map of X [B, Tk, G, d] bf16 (16-byte aligned, d % 8 == 0) with boxes of `rows`
+// keys x 64 columns (rows <= 256). NSA_ERR_UNSUPPORTED when the driver has no encoder.
+nsa_status nsa__cuda_tensor_map(nsa_context *ctx, CUtensorMap *map, const void *X, int B, int Tk,
+                                int G, int d, int rows);
+
+static __device__ __forceinline__ void mbar_init(uint64_t *bar, unsigned count)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count)
+                 : "memory");
+}
+
+// Makes barrier initialisations visible to the copy engine (then a __syncthreads to the
+// block's threads).
+static __device__ __forceinline__ void mbar_fence_init()
+{
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// The calling thread's arrival, announcing `bytes` of copies that complete on the barrier.
+static __device__ __forceinline__ void mbar_expect_tx(uint64_t *bar, unsigned bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
+                 "r"(bytes)
+                 : "memory");
+}
+
+// Waits until the barrier's phase of parity `parity` has completed.
+static __device__ __forceinline__ void mbar_wait(uint64_t *bar, unsigned parity)
+{
+    asm volatile("{\n"
+                 ".reg .pred p;\n"
+                 "WAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+                 "@!p bra WAIT;\n"
+                 "}\n" ::"r"(smem_addr(bar)),
+                 "r"(parity)
+                 : "memory");
+}
+
+// Box (c0, c1, c2) of the tensor map (a __grid_constant__ kernel parameter) into dst,
+// completing on bar.
+static __device__ __forceinline__ void tma_load_3d(void *dst, const CUtensorMap *map, int c0,
+                                                   int c1, int c2, uint64_t *bar)
+{
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(smem_addr(dst)),
+                 "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2),
+                 "r"(smem_addr(bar))
+                 : "memory");
+}
+
+// Keys key0 .. key0 + R - 1 of kv head g, batch b (rows b * Tk + key0 .. of the map) as an
+// R-row sw128 tile of DP columns at dst (1024-byte aligned), completing on bar (which the
+// caller told to expect R * DP * 2 bytes).
+template <int DP, int R>
+static __device__ __forceinline__ void tma_tile(void *dst, const CUtensorMap *map, int g,
+                                                long long row0, uint64_t *bar)
+{
+#pragma unroll
+    for (int p = 0; p < DP / 64; p++)
+        tma_load_3d((unsigned char *)dst + p * R * 128, map, p * 64, g, (int)row0, bar);
+}
+
+#endif // NSA_CUDA_TMA_CUH
