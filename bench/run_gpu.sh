@@ -47,7 +47,7 @@ grep -iE "warning" "$OUT/build.log" | head -n 20
 echo "built in $(( $(date +%s) - start )) s"
 
 if [ "$what" = all ] || [ "$what" = test ]; then
-    for t in ${TESTS:-test_wgmma test_cuda test_cuda_bf16}; do
+    for t in ${TESTS-test_wgmma test_cuda test_cuda_bf16}; do
         echo "== $t"
         start=$(date +%s)
         build/cuda/$t >"$OUT/$t.log" 2>&1 || status=1
@@ -61,7 +61,6 @@ if [ "$what" = all ] || [ "$what" = test ]; then
         echo "== compute-sanitizer memcheck ($t)"
         start=$(date +%s)
         timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 build/cuda/$t \
-            $([ $t = test_cuda_bf16 ] && echo --no-variants) \
             >"$OUT/memcheck_$t.log" 2>&1 || status=1
         grep -E "^(FAIL|RESULT)|ERROR SUMMARY|=========" "$OUT/memcheck_$t.log" | head -n 20
         echo "memcheck: $(( $(date +%s) - start )) s"

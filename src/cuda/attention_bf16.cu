@@ -220,10 +220,10 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
         if (TMA) {
             if (threadIdx.x == 0 && i < nch) {
                 uint64_t *bar = &full[i % ST];
-                long long row = (long long)b * Tk + lo + (long long)i * KC;
+                int key0 = lo + i * KC;
                 mbar_expect_tx(bar, 2 * TC * sizeof(bf16));
-                tma_tile<DP, KC>(Ks + (i % ST) * TC, &tmK, g, row, bar);
-                tma_tile<DP, KC>(Vs + (i % ST) * TC, &tmV, g, row, bar);
+                tma_tile<DP, KC>(Ks + (i % ST) * TC, &tmK, g, b, key0, bar);
+                tma_tile<DP, KC>(Vs + (i % ST) * TC, &tmV, g, b, key0, bar);
             }
             return;
         }
@@ -556,9 +556,9 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
     int nch = (nc_max + NB - 1) / NB;
     if (TMA)
         wg_stream_tma<DP>(
-            Ks, Ks, bars, g, nch,
-            [&](int i, const CUtensorMap *&mK, const CUtensorMap *&mV, long long &row) {
-                mK = &tmKc, mV = NULL, row = (long long)b * s.Tc + (long long)i * NB;
+            Ks, Ks, bars, g, b, nch,
+            [&](int i, const CUtensorMap *&mK, const CUtensorMap *&mV, int &key0) {
+                mK = &tmKc, mV = NULL, key0 = i * NB;
             },
             chunk);
     else
@@ -732,14 +732,9 @@ __global__ void __launch_bounds__(32 * W, MINB)
     auto step = [&](const bf16 *Kt, const bf16 *Vt, int cnt) {
         fwd_step_rq<DP, KEYS>(m, l, o, qf, Kt, Vt, sl2, lane, [&](int, int kk) { return kk < cnt; });
     };
-    if (cc.n_blocks > 0)
-        cta_stream_common<DP, KEYS, ST, W>(pool, k, v, base, stride, s.d, cc, s.b, sel, s.n,
-                                           valid ? u.t : -1, lane, step);
-    if (!valid)
+    if (!warp_stream_selection<DP, KEYS, ST, W>(pool, own, k, v, base, stride, s, cc, sel, valid,
+                                                u.t, warp, lane, step))
         return;
-    int nown = own_blocks(own, sel, s.n, cc, lane);
-    warp_stream_blocks<DP, KEYS, ST>(pool + (size_t)warp * 2 * ST * KEYS * LD, k, v, base,
-                                     stride, s.d, own, nown, s.b, u.t, lane, step);
 #pragma unroll
     for (int ii = 0; ii < 2; ii++)
         slc_finish_row<DP>(u.row0 + gq + 8 * ii, ii, m, l, o, lane, out, o_slc, lse3, o_cmp,
@@ -754,9 +749,7 @@ static nsa_status slc_warp(nsa_context *ctx, const attn_shape &s, float *out, fl
     auto kernel = bf16_slc_warp_kernel<DP, KEYS, ST, W, MINB>;
     size_t wbytes = slcw_smem_bytes<DP, KEYS, ST, W>(s.n);
     long long units = (long long)s.Tq * (s.hpg / 16);
-    NSA_TRY(allow_smem(ctx, kernel, wbytes));
-    NSA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                      cudaSharedmemCarveoutMaxShared));
+    NSA_TRY(slcw_prepare(ctx, kernel, wbytes));
     dim3 wgrid((unsigned)((units + W - 1) / W), s.G, s.B);
     kernel<<<wgrid, 32 * W, wbytes, nsa__cuda_stream(ctx)>>>(
         out, o_slc, lse3, o_cmp, o_win, q, k, v, gates, idx, nsa__cuda(ctx)->bf16_slc_share, s);

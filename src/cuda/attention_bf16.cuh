@@ -259,26 +259,27 @@ __device__ __forceinline__ void wg_stream(bf16 *Ks, bf16 *Vs, size_t stride, int
     cp_async_wait<0>();
 }
 
-// The same with the key tiles by TMA (tma.cuh): src(i, mK, mV, row) names chunk i's tensor
-// maps (__grid_constant__ parameters; mV NULL: K alone) and its first row (b Tk + key0;
-// rows past the chunk's keys hold other keys, finite, which the callers mask); thread 0
+// The same with the key tiles by TMA (tma.cuh): src(i, mK, mV, key0) names chunk i's tensor
+// maps (__grid_constant__ parameters; mV NULL: K alone) and its first key (of kv head g,
+// batch entry b; keys past the chunk's own hold later keys, or zeros past the sequence,
+// which the callers mask); thread 0
 // issues each chunk's copies, every thread waits on the stage's barrier (bars: two, which
 // thread 0 initialised to a count of 1, then mbar_fence_init). Callers' earlier cp.async
 // copies are waited for and fenced before chunk 0.
 template <int DP, class Src, class Body>
-__device__ __forceinline__ void wg_stream_tma(bf16 *Ks, bf16 *Vs, uint64_t *bars, int g, int nch,
-                                              Src src, Body body)
+__device__ __forceinline__ void wg_stream_tma(bf16 *Ks, bf16 *Vs, uint64_t *bars, int g, int b,
+                                              int nch, Src src, Body body)
 {
     const int TE = NB * DP;
     auto issue = [&](int i) {
         const CUtensorMap *mK, *mV;
-        long long row;
-        src(i, mK, mV, row);
+        int key0;
+        src(i, mK, mV, key0);
         uint64_t *bar = &bars[i & 1];
         mbar_expect_tx(bar, (mV ? 2 : 1) * TE * (unsigned)sizeof(bf16));
-        tma_tile<DP, NB>(Ks + (i & 1) * TE, mK, g, row, bar);
+        tma_tile<DP, NB>(Ks + (i & 1) * TE, mK, g, b, key0, bar);
         if (mV)
-            tma_tile<DP, NB>(Vs + (i & 1) * TE, mV, g, row, bar);
+            tma_tile<DP, NB>(Vs + (i & 1) * TE, mV, g, b, key0, bar);
     };
     if (threadIdx.x == 0 && nch > 0)
         issue(0);
@@ -579,9 +580,11 @@ __device__ __forceinline__ void dq_step(float (&dq)[DP / 8][4], const uint32_t (
 // Their chunking: KEYS keys a chunk, ST stages a warp in shared memory (ST - 1 chunks in
 // flight while one is used), W warps a thread block, MINB blocks per SM asked of the
 // compiler. NSA_CUDA_SLCW picks one by its id (X(id, KEYS, ST, W, MINB)).
-#define SLCW_CONFIGS(X)                                                                     \
-    X(0, 32, 2, 2, 3) X(1, 16, 2, 2, 6) X(2, 16, 2, 4, 3) X(3, 16, 2, 4, 2) X(4, 16, 3, 4, 2) \
-    X(5, 16, 2, 8, 1) // SLCW_NCONFIGS of them (common.cuh)
+// H200, 64k paper shape: 2 suits the forward (47.9 ms against 50.6 with 0), 0 the dq kernel
+// (87.3 ms backward against 88.8-89.0 with 1 or 2, whose 168 registers spill there); 3 stages
+// or 8 warps a block measured slower for both.
+#define SLCW_CONFIGS(X) X(0, 32, 2, 2, 3) X(1, 16, 2, 2, 6) X(2, 16, 2, 4, 3) // SLCW_NCONFIGS
+
 
 // Shared memory of a thread block: ST stages of KEYS rows of K and of V a warp, then each
 // warp's list of its own blocks (n ints).
@@ -771,6 +774,38 @@ static __device__ __forceinline__ int own_blocks(int *own, const int32_t *sel, i
     }
     __syncwarp();
     return cnt;
+}
+
+// A warp-per-position kernel's walk over its warp's selection (sel[n] of position t; valid
+// false: a warp past the end, t unused): the thread block's common blocks first (every
+// thread), then the warp's own blocks through its stages of pool (own: its list of n ints),
+// body(Kt, Vt, cnt) on each chunk of its keys. False for a warp past the end.
+template <int DP, int KEYS, int ST, int W, class Body>
+__device__ __forceinline__ bool warp_stream_selection(bf16 *pool, int *own, const bf16 *K,
+                                                      const bf16 *V, size_t base, size_t stride,
+                                                      const attn_shape &s, const cta_common &cc,
+                                                      const int32_t *sel, bool valid, int t,
+                                                      int warp, int lane, Body body)
+{
+    if (cc.n_blocks > 0)
+        cta_stream_common<DP, KEYS, ST, W>(pool, K, V, base, stride, s.d, cc, s.b, sel, s.n,
+                                           valid ? t : -1, lane, body);
+    if (!valid)
+        return false;
+    int nown = own_blocks(own, sel, s.n, cc, lane);
+    warp_stream_blocks<DP, KEYS, ST>(pool + (size_t)warp * 2 * ST * KEYS * mcfg<DP>::LD, K, V,
+                                     base, stride, s.d, own, nown, s.b, t, lane, body);
+    return true;
+}
+
+// Shared memory (and the carveout that lets several blocks hold it) of a warp-per-position
+// kernel.
+template <class Kernel> static nsa_status slcw_prepare(nsa_context *ctx, Kernel kernel, size_t bytes)
+{
+    NSA_TRY(allow_smem(ctx, kernel, bytes));
+    NSA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared));
+    return NSA_OK;
 }
 
 // A fragments of 16 rows row0 .. of X [rows, d] straight from global memory (zero past d).

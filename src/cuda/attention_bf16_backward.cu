@@ -304,11 +304,11 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, WG == 1 ? 2 : 1)
     };
     if (TMA)
         wg_stream_tma<DP>(
-            Ks, Vs, bars, g, nch,
-            [&](int i, const CUtensorMap *&mK, const CUtensorMap *&mV, long long &row) {
+            Ks, Vs, bars, g, b, nch,
+            [&](int i, const CUtensorMap *&mK, const CUtensorMap *&mV, int &key0) {
                 bool cmp = i < ncc;
                 mK = cmp ? &tm.kc : &tm.k, mV = cmp ? &tm.vc : &tm.v;
-                row = cmp ? (long long)b * s.Tc + key0_of(i) : (long long)b * s.T + key0_of(i);
+                key0 = key0_of(i);
             },
             chunk);
     else
@@ -394,14 +394,9 @@ __global__ void __launch_bounds__(32 * W, MINB)
     auto step = [&](const bf16 *Kt, const bf16 *Vt, int cnt) {
         dq_step<DP, KEYS>(acc, qf, of, Kt, Vt, pr, sl2, lane, [&](int, int kk) { return kk < cnt; });
     };
-    if (cc.n_blocks > 0)
-        cta_stream_common<DP, KEYS, ST, W>(pool, k, v, base, stride, s.d, cc, s.b, sel, s.n,
-                                           valid ? u.t : -1, lane, step);
-    if (!valid)
+    if (!warp_stream_selection<DP, KEYS, ST, W>(pool, own, k, v, base, stride, s, cc, sel, valid,
+                                                u.t, warp, lane, step))
         return;
-    int nown = own_blocks(own, sel, s.n, cc, lane);
-    warp_stream_blocks<DP, KEYS, ST>(pool + (size_t)warp * 2 * ST * KEYS * LD, k, v, base,
-                                     stride, s.d, own, nown, s.b, u.t, lane, step);
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         float *row = dq + (u.row0 + gq + 8 * i) * s.d;
@@ -426,9 +421,7 @@ static nsa_status dq_slc_warp(nsa_context *ctx, const attn_shape &s, float *dq, 
     auto kernel = bf16_bwd_dq_slc_warp_kernel<DP, KEYS, ST, W, MINB>;
     size_t wbytes = slcw_smem_bytes<DP, KEYS, ST, W>(s.n);
     long long units = (long long)s.T * (s.hpg / 16);
-    NSA_TRY(allow_smem(ctx, kernel, wbytes));
-    NSA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                      cudaSharedmemCarveoutMaxShared));
+    NSA_TRY(slcw_prepare(ctx, kernel, wbytes));
     dim3 wgrid((unsigned)((units + W - 1) / W), s.G, s.B);
     kernel<<<wgrid, 32 * W, wbytes, nsa__cuda_stream(ctx)>>>(dq, q, k, v, dO16, gates, lse, Dp,
                                                              idx, nsa__cuda(ctx)->bf16_slc_share,

@@ -21,7 +21,7 @@ extern "C" {
 #include "internal.h"
 }
 
-#define SLCW_NCONFIGS 6 // chunkings of the warp-per-position selected kernels (SLCW_CONFIGS)
+#define SLCW_NCONFIGS 3 // chunkings of the warp-per-position selected kernels (SLCW_CONFIGS)
 
 // The backend's state, in ctx->impl.
 typedef struct nsa__cuda_state {

@@ -410,10 +410,11 @@ nsa_status nsa__cuda_tensor_map(nsa_context *ctx, CUtensorMap *map, const void *
     encode_fn encode = (encode_fn)nsa__cuda(ctx)->tma_encode;
     if (!encode)
         return nsa__error(NSA_ERR_UNSUPPORTED, "cuda: the driver has no TMA tensor-map encoder");
-    cuuint64_t dims[3] = {(cuuint64_t)d, (cuuint64_t)G, (cuuint64_t)B * (cuuint64_t)Tk};
-    cuuint64_t strides[2] = {(cuuint64_t)d * 2, (cuuint64_t)G * d * 2}; // bytes, dims 1 and 2
-    cuuint32_t box[3] = {64, 1, (cuuint32_t)rows}, estr[3] = {1, 1, 1};
-    CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, (void *)X, dims, strides, box,
+    cuuint64_t dims[4] = {(cuuint64_t)d, (cuuint64_t)G, (cuuint64_t)Tk, (cuuint64_t)B};
+    cuuint64_t strides[3] = {(cuuint64_t)d * 2, (cuuint64_t)G * d * 2,
+                             (cuuint64_t)Tk * G * d * 2}; // bytes, dims 1 .. 3
+    cuuint32_t box[4] = {64, 1, (cuuint32_t)rows, 1}, estr[4] = {1, 1, 1, 1};
+    CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, (void *)X, dims, strides, box,
                         estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                         CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS)

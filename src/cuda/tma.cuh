@@ -5,9 +5,10 @@
  * the sw128 layout of wgmma.cuh (the copy engine's 128-byte swizzle is the same pattern),
  * so the products read them as they read tiles loaded by cp.async.
  *
- * Tensor maps describe X [B, Tk, G, d] bf16 (K, V, or their compressed tokens) as a 3-D
- * tensor {d, G, B * Tk} with boxes {64, 1, rows}: one box is one 64-column panel of a tile
- * of `rows` keys of one kv head. Columns past d and rows past B * Tk read as zeros. The
+ * Tensor maps describe X [B, Tk, G, d] bf16 (K, V, or their compressed tokens) as a 4-D
+ * tensor {d, G, Tk, B} with boxes {64, 1, rows, 1}: one box is one 64-column panel of a tile
+ * of `rows` keys of one kv head and batch entry. Columns past d and keys past Tk read as
+ * zeros (a tile never reaches into the next batch entry's keys). The
  * encoder (cuTensorMapEncodeTiled) is the driver's, found at context creation
  * (cudaGetDriverEntryPointByVersion); without it the kernels keep their cp.async loads.
  */
@@ -58,28 +59,28 @@ static __device__ __forceinline__ void mbar_wait(uint64_t *bar, unsigned parity)
                  : "memory");
 }
 
-// Box (c0, c1, c2) of the tensor map (a __grid_constant__ kernel parameter) into dst,
+// Box (c0, c1, c2, c3) of the tensor map (a __grid_constant__ kernel parameter) into dst,
 // completing on bar.
-static __device__ __forceinline__ void tma_load_3d(void *dst, const CUtensorMap *map, int c0,
-                                                   int c1, int c2, uint64_t *bar)
+static __device__ __forceinline__ void tma_load_4d(void *dst, const CUtensorMap *map, int c0,
+                                                   int c1, int c2, int c3, uint64_t *bar)
 {
-    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
-                 " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(smem_addr(dst)),
-                 "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2),
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem_addr(dst)),
+                 "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
                  "r"(smem_addr(bar))
                  : "memory");
 }
 
-// Keys key0 .. key0 + R - 1 of kv head g, batch b (rows b * Tk + key0 .. of the map) as an
-// R-row sw128 tile of DP columns at dst (1024-byte aligned), completing on bar (which the
-// caller told to expect R * DP * 2 bytes).
+// Keys key0 .. key0 + R - 1 of kv head g, batch entry b as an R-row sw128 tile of DP columns
+// at dst (1024-byte aligned), completing on bar (which the caller told to expect R * DP * 2
+// bytes).
 template <int DP, int R>
-static __device__ __forceinline__ void tma_tile(void *dst, const CUtensorMap *map, int g,
-                                                long long row0, uint64_t *bar)
+static __device__ __forceinline__ void tma_tile(void *dst, const CUtensorMap *map, int g, int b,
+                                                int key0, uint64_t *bar)
 {
 #pragma unroll
     for (int p = 0; p < DP / 64; p++)
-        tma_load_3d((unsigned char *)dst + p * R * 128, map, p * 64, g, (int)row0, bar);
+        tma_load_4d((unsigned char *)dst + p * R * 128, map, p * 64, g, key0, b, bar);
 }
 
 #endif // NSA_CUDA_TMA_CUH
