@@ -18,8 +18,6 @@
 #include "cuda/attention_bf16.cuh"
 #include "cuda/tma.cuh"
 
-#include <string.h>
-
 // ---------------------------------------------------------------------------------------
 // Conversions
 
@@ -184,16 +182,12 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16 *Qs = (bf16 *)smem_aligned(smem_raw), *Ks = Qs + WG * TQ, *Vs = Ks + ST * TC;
     mrows<R> *tr = (mrows<R> *)(Vs + ST * TC);
-    uint64_t *full = (uint64_t *)(tr + 1); // TMA: stage i % ST holds chunk i
+    uint64_t *bars = (uint64_t *)(tr + 1); // TMA: stage i % ST holds chunk i
     int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
     int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4;
     int wg = warpgroup_index(), row0 = wg * NB + warp * 16;
-    if (TMA && threadIdx.x == 0) {
-#pragma unroll
-        for (int i = 0; i < ST; i++)
-            mbar_init(&full[i], 1);
-        mbar_fence_init();
-    }
+    if (TMA)
+        mbar_init_stages<ST>(bars);
     mrows_init<R>(tr, s, tile, g, b);
     __syncthreads();
     Qs += wg * TQ;
@@ -219,7 +213,7 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
     auto load = [&](int i) {
         if (TMA) {
             if (threadIdx.x == 0 && i < nch) {
-                uint64_t *bar = &full[i % ST];
+                uint64_t *bar = &bars[i % ST];
                 int key0 = lo + i * KC;
                 mbar_expect_tx(bar, 2 * TC * sizeof(bf16));
                 tma_tile<DP, KC>(Ks + (i % ST) * TC, &tmK, g, b, key0, bar);
@@ -237,7 +231,7 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
     // TMA: chunk i in shared memory (every thread waits on its stage's barrier)
     auto arrived = [&](int i) {
         if (TMA)
-            mbar_wait(&full[i % ST], (unsigned)(i / ST) & 1u);
+            mbar_wait(&bars[i % ST], (unsigned)(i / ST) & 1u);
     };
     const float sl2 = s.scale * LOG2E;
     fwd_acc<DP> acc;
@@ -321,9 +315,7 @@ static nsa_status range_wg(nsa_context *ctx, const attn_shape &s, float *o_path,
     int tma = nsa__cuda(ctx)->use_tma;
     auto kernel = tma ? bf16_range_wg_kernel<DP, WG, PATH, KC, ST, true>
                       : bf16_range_wg_kernel<DP, WG, PATH, KC, ST, false>;
-    CUtensorMap tmK, tmV;
-    memset(&tmK, 0, sizeof tmK);
-    memset(&tmV, 0, sizeof tmV);
+    CUtensorMap tmK{}, tmV{}; // (zeros when unused)
     int Tk = PATH == PATH_CMP ? s.Tc : s.T;
     if (tma && Tk > 0) { // (no keys: no chunk is loaded)
         NSA_TRY(nsa__cuda_tensor_map(ctx, &tmK, K, s.B, Tk, s.G, s.d, KC));
@@ -391,9 +383,9 @@ template <int HALF, int BIT> static __device__ __forceinline__ void halve_sum(fl
 template <int DP> static size_t score_smem_bytes(const attn_shape &s)
 {
     int QT = MB / s.hpg, slots = QT > 4 ? QT : 4;
-    return 3 * (size_t)NB * DP * sizeof(bf16) + SMEM_ALIGN + 2 * sizeof(uint64_t) + sizeof(mrows<MB>) +
-           ((size_t)QT * s.nb + 1) / 2 * 2 * sizeof(float) + 4 * (size_t)s.n * sizeof(int) +
-           (size_t)slots * NB * sizeof(float);
+    return 3 * (size_t)NB * DP * sizeof(bf16) + SMEM_ALIGN + 2 * sizeof(uint64_t) +
+           sizeof(mrows<MB>) + ((size_t)QT * s.nb + 1) / 2 * 2 * sizeof(float) +
+           4 * (size_t)s.n * sizeof(int) + (size_t)slots * NB * sizeof(float);
 }
 
 template <int DP, bool TMA>
@@ -418,11 +410,8 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
     int spp = wide ? s.hpg / 16 : 1; // slots per position
     int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
-    if (TMA && threadIdx.x == 0) {
-        mbar_init(&bars[0], 1);
-        mbar_init(&bars[1], 1);
-        mbar_fence_init();
-    }
+    if (TMA)
+        mbar_init_stages<2>(bars);
     mrows_init<MB>(tr, s, tile, g, b);
     for (int e = threadIdx.x; e < QT * s.nb; e += MMA_THREADS)
         score[e] = 0.0f;
@@ -730,7 +719,8 @@ __global__ void __launch_bounds__(32 * W, MINB)
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[DP / 8][4];
     frag_zero(o);
     auto step = [&](const bf16 *Kt, const bf16 *Vt, int cnt) {
-        fwd_step_rq<DP, KEYS>(m, l, o, qf, Kt, Vt, sl2, lane, [&](int, int kk) { return kk < cnt; });
+        fwd_step_rq<DP, KEYS>(m, l, o, qf, Kt, Vt, sl2, lane,
+                              [&](int, int kk) { return kk < cnt; });
     };
     if (!warp_stream_selection<DP, KEYS, ST, W>(pool, own, k, v, base, stride, s, cc, sel, valid,
                                                 u.t, warp, lane, step))
@@ -778,8 +768,7 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
         if (fused) {
             int tma = nsa__cuda(ctx)->use_tma && s.Tc > 0;
             auto kernel = tma ? bf16_score_kernel<DP, true> : bf16_score_kernel<DP, false>;
-            CUtensorMap tm;
-            memset(&tm, 0, sizeof tm);
+            CUtensorMap tm{}; // (zeros when unused)
             if (tma)
                 NSA_TRY(nsa__cuda_tensor_map(ctx, &tm, kc, s.B, s.Tc, s.G, s.d, NB));
             size_t sbytes = score_smem_bytes<DP>(s);

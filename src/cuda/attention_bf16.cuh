@@ -262,10 +262,9 @@ __device__ __forceinline__ void wg_stream(bf16 *Ks, bf16 *Vs, size_t stride, int
 // The same with the key tiles by TMA (tma.cuh): src(i, mK, mV, key0) names chunk i's tensor
 // maps (__grid_constant__ parameters; mV NULL: K alone) and its first key (of kv head g,
 // batch entry b; keys past the chunk's own hold later keys, or zeros past the sequence,
-// which the callers mask); thread 0
-// issues each chunk's copies, every thread waits on the stage's barrier (bars: two, which
-// thread 0 initialised to a count of 1, then mbar_fence_init). Callers' earlier cp.async
-// copies are waited for and fenced before chunk 0.
+// which the callers mask); thread 0 issues each chunk's copies, every thread waits on the
+// stage's barrier (bars: two, from mbar_init_stages<2>). Callers' earlier cp.async copies
+// are waited for and fenced before chunk 0.
 template <int DP, class Src, class Body>
 __device__ __forceinline__ void wg_stream_tma(bf16 *Ks, bf16 *Vs, uint64_t *bars, int g, int b,
                                               int nch, Src src, Body body)
@@ -584,7 +583,6 @@ __device__ __forceinline__ void dq_step(float (&dq)[DP / 8][4], const uint32_t (
 // (87.3 ms backward against 88.8-89.0 with 1 or 2, whose 168 registers spill there); 3 stages
 // or 8 warps a block measured slower for both.
 #define SLCW_CONFIGS(X) X(0, 32, 2, 2, 3) X(1, 16, 2, 2, 6) X(2, 16, 2, 4, 3) // SLCW_NCONFIGS
-
 
 // Shared memory of a thread block: ST stages of KEYS rows of K and of V a warp, then each
 // warp's list of its own blocks (n ints).

@@ -17,8 +17,6 @@
  */
 #include "cuda/attention_bf16.cuh"
 
-#include <string.h>
-
 // ---------------------------------------------------------------------------------------
 // Preparation: one warp per row
 
@@ -220,11 +218,8 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, WG == 1 ? 2 : 1)
     int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
     int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
     int wg = warpgroup_index();
-    if (TMA && threadIdx.x == 0) {
-        mbar_init(&bars[0], 1);
-        mbar_init(&bars[1], 1);
-        mbar_fence_init();
-    }
+    if (TMA)
+        mbar_init_stages<2>(bars);
     mrows_init<R>(tr, s, tile, g, b);
     __syncthreads();
     Qs += wg * TE, Os += wg * TE; // this warpgroup's rows wg * 64 ..
@@ -337,8 +332,7 @@ static nsa_status dq_wg(nsa_context *ctx, const attn_shape &s, float *dq, const 
     long long tiles = ((long long)s.T * s.hpg + WG * MB - 1) / (WG * MB);
     int tma = nsa__cuda(ctx)->use_tma;
     auto kernel = tma ? bf16_bwd_dq_wg_kernel<DP, WG, true> : bf16_bwd_dq_wg_kernel<DP, WG, false>;
-    dq_maps tm;
-    memset(&tm, 0, sizeof tm);
+    dq_maps tm{}; // (zeros when unused)
     if (tma) {
         if (s.Tc > 0) {
             NSA_TRY(nsa__cuda_tensor_map(ctx, &tm.kc, kc, s.B, s.Tc, s.G, s.d, NB));
@@ -392,7 +386,8 @@ __global__ void __launch_bounds__(32 * W, MINB)
     float acc[DP / 8][4];
     frag_zero(acc);
     auto step = [&](const bf16 *Kt, const bf16 *Vt, int cnt) {
-        dq_step<DP, KEYS>(acc, qf, of, Kt, Vt, pr, sl2, lane, [&](int, int kk) { return kk < cnt; });
+        dq_step<DP, KEYS>(acc, qf, of, Kt, Vt, pr, sl2, lane,
+                          [&](int, int kk) { return kk < cnt; });
     };
     if (!warp_stream_selection<DP, KEYS, ST, W>(pool, own, k, v, base, stride, s, cc, sel, valid,
                                                 u.t, warp, lane, step))

@@ -277,6 +277,17 @@ extern "C" int nsa__cuda_available(void)
     return count > 0 && major >= 9;
 }
 
+// A tuning switch `name=a[,b]`: v[0] = v[1] = a, then v[1] = b, each only where ok(value).
+static void env_pair(const char *name, int (&v)[2], bool (*ok)(int))
+{
+    const char *e = getenv(name);
+    int a = 0, b = 0, got = e ? sscanf(e, "%d,%d", &a, &b) : 0;
+    if (got >= 1 && ok(a))
+        v[0] = v[1] = a;
+    if (got == 2 && ok(b))
+        v[1] = b;
+}
+
 extern "C" nsa_status nsa__cuda_backend_init(nsa_context *ctx, int num_threads)
 {
     if (num_threads < 0)
@@ -356,25 +367,12 @@ extern "C" nsa_status nsa__cuda_backend_init(nsa_context *ctx, int num_threads)
         // (defaults: 16-key chunks, 4 warps a block forward; 32-key chunks, 2 warps for dq)
         s->bf16_slcw[0] = 2;
         s->bf16_slcw[1] = 0;
-        const char *slcw = getenv("NSA_CUDA_SLCW");
-        if (slcw) {
-            int f = -1, q = -1, got = sscanf(slcw, "%d,%d", &f, &q);
-            if (got >= 1 && f >= 0 && f < SLCW_NCONFIGS)
-                s->bf16_slcw[0] = s->bf16_slcw[1] = f;
-            if (got == 2 && q >= 0 && q < SLCW_NCONFIGS)
-                s->bf16_slcw[1] = q;
-        }
+        env_pair("NSA_CUDA_SLCW", s->bf16_slcw,
+                 [](int v) { return v >= 0 && v < SLCW_NCONFIGS; });
         // NSA_CUDA_RANGE_KC=cmp[,win]: keys a chunk (64 or 128) of the compressed and window
         // forward warpgroup kernels
         s->range_kc[0] = s->range_kc[1] = 64;
-        const char *kc = getenv("NSA_CUDA_RANGE_KC");
-        if (kc) {
-            int c0 = 0, c1 = 0, got = sscanf(kc, "%d,%d", &c0, &c1);
-            if (got >= 1 && (c0 == 64 || c0 == 128))
-                s->range_kc[0] = s->range_kc[1] = c0;
-            if (got == 2 && (c1 == 64 || c1 == 128))
-                s->range_kc[1] = c1;
-        }
+        env_pair("NSA_CUDA_RANGE_KC", s->range_kc, [](int v) { return v == 64 || v == 128; });
         // the TMA tensor-map encoder of the driver (no link to libcuda; absent: cp.async)
         void *enc = NULL;
         cudaDriverEntryPointQueryResult q;

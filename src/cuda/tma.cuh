@@ -38,6 +38,19 @@ static __device__ __forceinline__ void mbar_fence_init()
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
 
+// The N stage barriers of a pipeline, each completing on one arrival (the expect_tx of the
+// thread that issues the stage's copies): thread 0 initialises them; a __syncthreads must
+// follow before other threads wait on them.
+template <int N> static __device__ __forceinline__ void mbar_init_stages(uint64_t *bars)
+{
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int i = 0; i < N; i++)
+            mbar_init(&bars[i], 1);
+        mbar_fence_init();
+    }
+}
+
 // The calling thread's arrival, announcing `bytes` of copies that complete on the barrier.
 static __device__ __forceinline__ void mbar_expect_tx(uint64_t *bar, unsigned bytes)
 {
