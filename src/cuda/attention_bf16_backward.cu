@@ -18,11 +18,16 @@
 #include "cuda/attention_bf16.cuh"
 
 // ---------------------------------------------------------------------------------------
-// Preparation: one warp per row
+// Preparation: one warp per row. With meta4 also each row's metadata for the key-centric
+// kernels' TMA stream, meta4 [3 paths, B, G, T, hpg] float4 {position (-1: no key on the
+// path), lse * log2(e), gate, D} (the rows of a (path, batch entry, kv head) in the order
+// their q rows have there).
 
-__global__ void bf16_bwd_prep_kernel(float *dgates, float *Dp, bf16 *dO16, const float *dout,
-                                     const float *o_paths, const float *gates, size_t rows, int d)
+__global__ void bf16_bwd_prep_kernel(float *dgates, float *Dp, float4 *meta4, bf16 *dO16,
+                                     const float *dout, const float *o_paths, const float *gates,
+                                     const float *lse3, size_t rows, attn_shape s)
 {
+    int d = s.d;
     int lane = threadIdx.x % 32;
     size_t warp = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32;
     size_t nwarps = (size_t)gridDim.x * blockDim.x / 32;
@@ -36,12 +41,30 @@ __global__ void bf16_bwd_prep_kernel(float *dgates, float *Dp, bf16 *dO16, const
             for (int p = 0; p < 3; p++)
                 a[p] = fmaf(x, o_paths[(size_t)p * rows * d + i], a[p]);
         }
+        // lanes 0, 1, 2: path p = lane
+        float sum = 0.0f;
 #pragma unroll
         for (int p = 0; p < 3; p++) {
-            float sum = warp_sum(a[p]);
-            if (lane == 0) {
-                dgates[row * 3 + p] = sum;
-                Dp[row * 3 + p] = gates[row * 3 + p] * sum;
+            float t = warp_sum(a[p]);
+            sum = lane == p ? t : sum;
+        }
+        if (lane < 3) {
+            int p = lane;
+            float gate = gates[row * 3 + p];
+            dgates[row * 3 + p] = sum;
+            Dp[row * 3 + p] = gate * sum;
+            if (meta4) {
+                unsigned hh = (unsigned)(row % s.hpg);
+                size_t bt = row / s.H;
+                unsigned g = (unsigned)(row % s.H) / s.hpg, t = (unsigned)(bt % s.T);
+                size_t b = bt / s.T;
+                float l = lse3[row * 3 + p];
+                float4 m;
+                m.x = __int_as_float(l == -INFINITY ? -1 : (int)t);
+                m.y = l == -INFINITY ? 0.0f : l * LOG2E;
+                m.z = gate;
+                m.w = gate * sum;
+                meta4[((((size_t)p * s.B + b) * s.G + g) * s.T + t) * s.hpg + hh] = m;
             }
         }
     }
@@ -428,20 +451,39 @@ static nsa_status dq_slc_warp(nsa_context *ctx, const attn_shape &s, float *dq, 
 // ---------------------------------------------------------------------------------------
 // dk, dv: key-centric
 
-template <int DP, int WG> static size_t dkv_smem_bytes()
+// stages of the TMA row stream: 3 with two warpgroups (one block a SM), 2 with one (two)
+#define DKV_ST(WG) ((WG) == 2 ? 3 : 2)
+
+template <int DP, int WG, int ST> static size_t dkv_smem_bytes()
 {
-    return (2 * WG + 4) * mcfg<DP>::TILE + 2 * MB * sizeof(float4) + SMEM_ALIGN;
+    return (2 * WG + 2 * ST) * mcfg<DP>::TILE + ST * MB * sizeof(float4) +
+           2 * ST * sizeof(uint64_t) + SMEM_ALIGN;
 }
+
+// The tensor maps of the key-centric kernels' query rows (TMA): q and dO as 5-D row tensors
+// (nsa__cuda_tensor_map_rows), boxes of the MB / hpg positions of a tile (compressed, window)
+// or of one position (selected).
+struct dkv_maps {
+    CUtensorMap q, o;
+};
 
 // On sm_90a the four products of a step run as warpgroup MMAs (wgmma.cuh) on sw128 tiles:
 // S^T and dP^T with both operands in shared memory, dV and dK with (gate P)^T and dS^T from
 // registers. Otherwise mma.sync on padded tiles. WG warpgroups of 128 threads, each with its
 // 64 keys of a tile of 64 WG keys, share the query rows streamed (WG = 2 halves the traffic
 // of q and dO, which bounds the compressed and window paths).
-template <int DP, int PATH, int WG>
+//
+// The rows stream through ST stages. With TMA (sm_90a, H/G dividing 64) warp 0 fills a stage
+// with the tile's q and dO boxes and its rows' metadata (meta4, from the prep kernel) on the
+// stage's `full` barrier, and refills it once every thread has arrived on its `empty` barrier:
+// the warpgroups are not held in step, so one's exponentials can run under the other's
+// products. Otherwise all threads copy rows by cp.async through two stages, a block barrier
+// a tile.
+template <int DP, int PATH, int WG, int ST, bool TMA>
 __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
     bf16_bwd_dkv_kernel(float *dK, float *dV, const bf16 *q, const bf16 *dO16, const bf16 *K,
                         const bf16 *V, const float *gates, const float *lse3, const float *Dp,
+                        const float4 *meta4, const __grid_constant__ dkv_maps tm,
                         const int *list_offsets, const int *lists, const int *item_start,
                         int split, attn_shape s)
 {
@@ -450,9 +492,10 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
     // one 64-row tile: padded rows, or a sw128 tile (no padding)
     const int TE = NSA_WGMMA ? NB * DP : NB * LD;
     bf16 *Ks = (bf16 *)smem_aligned(smem_raw), *Vs = Ks + WG * TE, *Qs = Vs + WG * TE;
-    bf16 *Os = Qs + 2 * TE;
+    bf16 *Os = Qs + ST * TE;
     // per query row of each stage: {position (-1: no gradient), lse * log2(e), gate, D}
-    float4 *meta_s = (float4 *)(Os + 2 * TE);
+    float4 *meta_s = (float4 *)(Os + ST * TE);
+    uint64_t *full = (uint64_t *)(meta_s + ST * MB), *empty = full + ST; // (TMA)
     int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
     int wg = warpgroup_index(), wtid = threadIdx.x % MMA_THREADS;
     int Tk = PATH == PATH_CMP ? s.Tc : s.T;
@@ -516,6 +559,50 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
             meta_s[stg * MB + r] = m;
         }
     };
+    // (TMA) tile j's rows into stage j % ST by warp 0: q and dO boxes, metadata by bulk
+    // copies. Compressed and window rows are whole positions from t0 (rg_begin % hpg == 0);
+    // the selected path's positions come from the list, one box each, and the slots past
+    // the list read position T (zeros).
+    auto issue = [&](int j) {
+        int stg = j % ST, ppt = MB / s.hpg; // positions a tile
+        long long rg0 = rg_begin + (long long)j * MB;
+        unsigned char *qd = (unsigned char *)(Qs + stg * TE), *od = (unsigned char *)(Os + stg * TE);
+        float4 *md = meta_s + stg * MB;
+        const float4 *msrc = meta4 + (((size_t)PATH * s.B + b) * s.G + g) * s.T * s.hpg;
+        uint64_t *bar = &full[stg];
+        if (PATH != PATH_SLC) {
+            if (lane == 0) {
+                int t = t0 + (int)(rg0 / s.hpg);
+                unsigned nrows = (unsigned)min((long long)MB, (long long)(s.T - t) * s.hpg);
+                mbar_expect_tx(bar, 2 * TE * (unsigned)sizeof(bf16) + nrows * 16);
+#pragma unroll
+                for (int p = 0; p < DP / 64; p++) {
+                    tma_load_5d(qd + p * NB * 128, &tm.q, p * 64, 0, g, t, b, bar);
+                    tma_load_5d(od + p * NB * 128, &tm.o, p * 64, 0, g, t, b, bar);
+                }
+                bulk_load(md, msrc + (size_t)t * s.hpg, nrows * 16, bar);
+            }
+        } else {
+            int qi0 = (int)(rg0 / s.hpg), npos = (int)(rg_end / s.hpg);
+            int nvalid = max(0, min(ppt, npos - qi0));
+            if (lane == 0)
+                mbar_expect_tx(bar, 2 * TE * (unsigned)sizeof(bf16) +
+                                        (unsigned)(nvalid * s.hpg * 16));
+            __syncwarp();
+            for (int slot = lane; slot < ppt; slot += 32) {
+                int t = slot < nvalid ? list[qi0 + slot] : s.T;
+                unsigned off = (unsigned)(slot * s.hpg * 128);
+#pragma unroll
+                for (int p = 0; p < DP / 64; p++) {
+                    tma_load_5d(qd + p * NB * 128 + off, &tm.q, p * 64, 0, g, t, b, bar);
+                    tma_load_5d(od + p * NB * 128 + off, &tm.o, p * 64, 0, g, t, b, bar);
+                }
+                if (slot < nvalid)
+                    bulk_load(md + slot * s.hpg, msrc + (size_t)t * s.hpg,
+                              (unsigned)(s.hpg * 16), bar);
+            }
+        }
+    };
 
     const float sl2 = s.scale * LOG2E;
     float dk[DP / 8][4], dv[DP / 8][4];
@@ -533,20 +620,9 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
         span[i] = PATH == PATH_WIN ? (unsigned)s.w : UINT_MAX;
     }
     int ntiles = (int)((rg_end - rg_begin + MB - 1) / MB);
-    load_rows(rg_begin, 0);
-    cp_async_commit();
-    for (int it = 0; it < ntiles; it++) {
-        int stg = it & 1;
-        if (it + 1 < ntiles)
-            load_rows(rg_begin + (long long)(it + 1) * MB, stg ^ 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-#if NSA_WGMMA
-        fence_async_smem();
-#endif
-        __syncthreads();
-        const bf16 *Qt = Qs + stg * TE, *Ot = Os + stg * TE;
-        const float4 *ms = meta_s + stg * MB;
+
+    // One tile of 64 rows (the first `nrows` of it real) at Qt / Ot with metadata ms.
+    auto step = [&](const bf16 *Qt, const bf16 *Ot, const float4 *ms, long long nrows) {
         float st[8][4], dpt[8][4];
         // P = exp(S - lse) masked, in st (on sm_90a while dP^T still runs on the tensor cores)
         auto probs = [&]() {
@@ -554,8 +630,9 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
             for (int nt = 0; nt < 8; nt++)
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
-                    float4 m = ms[nt * 8 + 2 * c4 + h];
-                    int t = __float_as_int(m.x);
+                    int rr = nt * 8 + 2 * c4 + h;
+                    float4 m = ms[rr];
+                    int t = rr < nrows ? __float_as_int(m.x) : -1;
 #pragma unroll
                     for (int i = 0; i < 2; i++) {
                         bool ok = t >= tmin[i] &&
@@ -606,7 +683,7 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
         for (int j = 0; j < 4; j++)
             c_to_a(ak[j], dpt[2 * j], dpt[2 * j + 1]);
         wg_p_v_issue<DP>(dk, ak, Qt, lane);
-        wg_wait<0>();
+        wgmma_wait<0>();
         wgmma_hold(dv);
         wgmma_hold(dk);
 #else
@@ -617,7 +694,59 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
         mma_p_v<DP>(dv, st, Ot, lane);
         mma_p_v<DP>(dk, dpt, Qt, lane);
 #endif
+    };
+
+    if constexpr (TMA && NSA_WGMMA) { // (the sm_90 build's padded tiles: cp.async)
+        if (threadIdx.x == 0) {
+#pragma unroll
+            for (int i = 0; i < ST; i++) {
+                mbar_init(&full[i], 1);
+                mbar_init(&empty[i], MMA_THREADS * WG); // every thread's
+            }
+            mbar_fence_init();
+        }
+        // metadata rows no copy fills (past the sequence, past the list) read as finite
+        for (int i = threadIdx.x; i < ST * MB; i += blockDim.x)
+            meta_s[i] = make_float4(__int_as_float(-1), 0.0f, 0.0f, 0.0f);
+        cp_async_commit();
+        cp_async_wait<0>();
+        fence_async_smem();
         __syncthreads();
+        if (threadIdx.x < 32)
+            for (int j = 0; j < ST - 1 && j < ntiles; j++)
+                issue(j);
+        for (int it = 0; it < ntiles; it++) {
+            int stg = it % ST;
+            // refill the stage tile it - 1 used once every thread is done with it
+            if (threadIdx.x < 32 && it + ST - 1 < ntiles) {
+                if (it > 0) {
+                    if (lane == 0)
+                        mbar_wait(&empty[(it - 1) % ST], (unsigned)((it - 1) / ST) & 1u);
+                    __syncwarp();
+                }
+                issue(it + ST - 1);
+            }
+            mbar_wait(&full[stg], (unsigned)(it / ST) & 1u);
+            step(Qs + stg * TE, Os + stg * TE, meta_s + stg * MB,
+                 rg_end - rg_begin - (long long)it * MB);
+            mbar_arrive(&empty[stg]); // this thread's reads of the stage are done
+        }
+    } else {
+        load_rows(rg_begin, 0);
+        cp_async_commit();
+        for (int it = 0; it < ntiles; it++) {
+            int stg = it & 1;
+            if (it + 1 < ntiles)
+                load_rows(rg_begin + (long long)(it + 1) * MB, stg ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+#if NSA_WGMMA
+            fence_async_smem();
+#endif
+            __syncthreads();
+            step(Qs + stg * TE, Os + stg * TE, meta_s + stg * MB, MB);
+            __syncthreads();
+        }
     }
     // window: written (=); compressed and selected: added
 #pragma unroll
@@ -654,7 +783,8 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
                                    float *dv, float *dkc, float *dvc, const bf16 *q,
                                    const bf16 *k, const bf16 *v, const bf16 *kc, const bf16 *vc,
                                    const bf16 *dO16, const float *gates, const int32_t *idx,
-                                   const float *lse, const float *Dp, int *ws, float *part_dq)
+                                   const float *lse, const float *Dp, const float4 *meta4,
+                                   int *ws, float *part_dq)
 {
     cudaStream_t st = nsa__cuda_stream(ctx);
     long long tiles = ((long long)s.T * s.hpg + MB - 1) / MB;
@@ -682,33 +812,50 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
         }
     }
 
-    // window and compressed: tiles of 128 keys (two warpgroups); selected: one block
+    // window and compressed: tiles of 128 keys (two warpgroups); selected: one block. Query
+    // rows by TMA when the prep kernel wrote their metadata (meta4: H/G divides 64).
     dkv_grid kg = {}, kg2 = {};
     NSA_TRY(dkv_grid_of(s, NB, 64 * MB, &kg));
     NSA_TRY(dkv_grid_of(s, 2 * NB, 64 * MB, &kg2));
-    size_t kv_bytes = dkv_smem_bytes<DP, 1>(), kv2_bytes = dkv_smem_bytes<DP, 2>();
-    NSA_TRY(allow_smem(ctx, bf16_bwd_dkv_kernel<DP, PATH_WIN, 2>, kv2_bytes));
-    bf16_bwd_dkv_kernel<DP, PATH_WIN, 2><<<kg2.win, 2 * MMA_THREADS, kv2_bytes, st>>>(
-        dk, dv, q, dO16, k, v, gates, lse, Dp, NULL, NULL, NULL, 0, s);
+    int tma = meta4 != NULL;
+    dkv_maps tm{}, tm1{}; // boxes of a tile's positions, of one position (zeros when unused)
+    if (tma) {
+        NSA_TRY(nsa__cuda_tensor_map_rows(ctx, &tm.q, q, s.B, s.T, s.G, s.hpg, s.d, MB / s.hpg));
+        NSA_TRY(nsa__cuda_tensor_map_rows(ctx, &tm.o, dO16, s.B, s.T, s.G, s.hpg, s.d,
+                                          MB / s.hpg));
+        NSA_TRY(nsa__cuda_tensor_map_rows(ctx, &tm1.q, q, s.B, s.T, s.G, s.hpg, s.d, 1));
+        NSA_TRY(nsa__cuda_tensor_map_rows(ctx, &tm1.o, dO16, s.B, s.T, s.G, s.hpg, s.d, 1));
+    }
+    auto kwin = tma ? bf16_bwd_dkv_kernel<DP, PATH_WIN, 2, DKV_ST(2), true>
+                    : bf16_bwd_dkv_kernel<DP, PATH_WIN, 2, 2, false>;
+    auto kcmp = tma ? bf16_bwd_dkv_kernel<DP, PATH_CMP, 2, DKV_ST(2), true>
+                    : bf16_bwd_dkv_kernel<DP, PATH_CMP, 2, 2, false>;
+    auto kslc = tma ? bf16_bwd_dkv_kernel<DP, PATH_SLC, 1, DKV_ST(1), true>
+                    : bf16_bwd_dkv_kernel<DP, PATH_SLC, 1, 2, false>;
+    size_t kv_bytes = tma ? dkv_smem_bytes<DP, 1, DKV_ST(1)>() : dkv_smem_bytes<DP, 1, 2>();
+    size_t kv2_bytes = tma ? dkv_smem_bytes<DP, 2, DKV_ST(2)>() : dkv_smem_bytes<DP, 2, 2>();
+    NSA_TRY(allow_smem(ctx, kwin, kv2_bytes));
+    kwin<<<kg2.win, 2 * MMA_THREADS, kv2_bytes, st>>>(dk, dv, q, dO16, k, v, gates, lse, Dp,
+                                                      meta4, tm, NULL, NULL, NULL, 0, s);
     NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<window>");
 
     if (s.Tc > 0) {
         size_t nkvc = (size_t)s.B * s.Tc * s.G * s.d;
         NSA_CUDA_TRY(cudaMemsetAsync(dkc, 0, nkvc * sizeof(float), st));
         NSA_CUDA_TRY(cudaMemsetAsync(dvc, 0, nkvc * sizeof(float), st));
-        NSA_TRY(allow_smem(ctx, bf16_bwd_dkv_kernel<DP, PATH_CMP, 2>, kv2_bytes));
-        bf16_bwd_dkv_kernel<DP, PATH_CMP, 2><<<kg2.cmp, 2 * MMA_THREADS, kv2_bytes, st>>>(
-            dkc, dvc, q, dO16, kc, vc, gates, lse, Dp, NULL, NULL, NULL, kg2.split_rows, s);
+        NSA_TRY(allow_smem(ctx, kcmp, kv2_bytes));
+        kcmp<<<kg2.cmp, 2 * MMA_THREADS, kv2_bytes, st>>>(dkc, dvc, q, dO16, kc, vc, gates, lse,
+                                                          Dp, meta4, tm, NULL, NULL, NULL,
+                                                          kg2.split_rows, s);
         NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<compressed>");
     }
 
     sel_index si;
     NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, ws, kg.split_pos, &si));
-    NSA_TRY(allow_smem(ctx, bf16_bwd_dkv_kernel<DP, PATH_SLC, 1>, kv_bytes));
-    bf16_bwd_dkv_kernel<DP, PATH_SLC, 1><<<dim3((unsigned)si.max_items, kg.slc_chunks, 1),
-                                           MMA_THREADS, kv_bytes, st>>>(
-        dk, dv, q, dO16, k, v, gates, lse, Dp, si.offsets, si.lists, si.item_start, kg.split_pos,
-        s);
+    NSA_TRY(allow_smem(ctx, kslc, kv_bytes));
+    kslc<<<dim3((unsigned)si.max_items, kg.slc_chunks, 1), MMA_THREADS, kv_bytes, st>>>(
+        dk, dv, q, dO16, k, v, gates, lse, Dp, meta4, tm1, si.offsets, si.lists, si.item_start,
+        kg.split_pos, s);
     NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<selected>");
     if (part_dq) // small groups: dq of the selected path by key blocks (same index)
         NSA_TRY(nsa__cuda_dq_slc_kv(ctx, s, part_dq, dq, q, k, v, dO16, gates, lse, Dp, idx, si,
@@ -747,26 +894,31 @@ nsa_status nsa__cuda_attn_backward_bf16(nsa_context *ctx, const nsa__attn_dims *
     size_t part_bytes = 0;
     if (s.hpg <= 4 && !nsa__cuda(ctx)->bf16_slc_union)
         part_bytes = bytes_if_half_free(nsa__cuda_dq_slc_kv_scratch_bytes(s));
-    // scratch: dout as bf16, D [rows, 3], the selection index, the dq partials
+    // the key-centric kernels stream query rows by TMA (metadata in meta4) when whole
+    // positions fill their 64-row tiles (the sm_90 build's kernels keep cp.async)
+    int meta = nsa__cuda(ctx)->use_tma && s.hpg <= MB && MB % s.hpg == 0;
+    // scratch: dout as bf16, D [rows, 3], the selection index, the dq partials, meta4
     size_t o16_bytes = ((rows * s.d * sizeof(bf16) + 255) / 256) * 256;
     size_t ws_bytes = (((rows * 3 * sizeof(float) + nsa__cuda_sel_ws_ints(s) * sizeof(int)) + 255) /
                        256) * 256;
+    size_t part_at = o16_bytes + ws_bytes, meta_at = part_at + (part_bytes + 255) / 256 * 256;
+    size_t meta_bytes = meta ? 3 * rows * sizeof(float4) : 0;
     void *mem;
-    NSA_TRY(nsa__cuda_scratch(ctx, o16_bytes + ws_bytes + part_bytes, &mem));
+    NSA_TRY(nsa__cuda_scratch(ctx, meta_at + meta_bytes, &mem));
     bf16 *dO16 = (bf16 *)mem;
     float *Dp = (float *)((char *)mem + o16_bytes);
     int *ws = (int *)(Dp + rows * 3);
-    float *part_dq = part_bytes ? (float *)((char *)mem + o16_bytes + ws_bytes) : NULL;
+    float *part_dq = part_bytes ? (float *)((char *)mem + part_at) : NULL;
+    float4 *meta4 = meta ? (float4 *)((char *)mem + meta_at) : NULL;
     cudaStream_t st = nsa__cuda_stream(ctx);
-    bf16_bwd_prep_kernel<<<nsa__cuda_blocks(rows * 32, 256), 256, 0, st>>>(dgates, Dp, dO16, dout,
-                                                                           o_paths, gates, rows,
-                                                                           s.d);
+    bf16_bwd_prep_kernel<<<nsa__cuda_blocks(rows * 32, 256), 256, 0, st>>>(
+        dgates, Dp, meta4, dO16, dout, o_paths, gates, lse, rows, s);
     NSA_CUDA_LAUNCHED("bf16_bwd_prep_kernel");
     if (s.d <= 64)
         return bf16_backward_dp<64>(ctx, s, dq, dk, dv, dkc, dvc, q, k, v, kc, vc, dO16, gates,
-                                    idx, lse, Dp, ws, part_dq);
+                                    idx, lse, Dp, meta4, ws, part_dq);
     return bf16_backward_dp<128>(ctx, s, dq, dk, dv, dkc, dvc, q, k, v, kc, vc, dO16, gates, idx,
-                                 lse, Dp, ws, part_dq);
+                                 lse, Dp, meta4, ws, part_dq);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -398,27 +398,53 @@ extern "C" nsa_status nsa__cuda_backend_init(nsa_context *ctx, int num_threads)
 // ---------------------------------------------------------------------------------------
 // TMA tensor maps (tma.cuh)
 
+typedef CUresult (*nsa__encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *,
+                                   const cuuint64_t *, const cuuint64_t *, const cuuint32_t *,
+                                   const cuuint32_t *, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// A bf16 tensor map of `rank` dims (bytes strides of dims 1 .. rank - 1), sw128 boxes.
+static nsa_status encode_bf16(nsa_context *ctx, CUtensorMap *map, const void *X, int rank,
+                              const cuuint64_t *dims, const cuuint64_t *strides,
+                              const cuuint32_t *box)
+{
+    nsa__encode_fn encode = (nsa__encode_fn)nsa__cuda(ctx)->tma_encode;
+    if (!encode)
+        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda: the driver has no TMA tensor-map encoder");
+    cuuint32_t estr[5] = {1, 1, 1, 1, 1};
+    CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, (cuuint32_t)rank, (void *)X, dims,
+                        strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                        CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) {
+        char shape[96] = "", *at = shape;
+        for (int i = rank - 1; i >= 0; i--)
+            at += snprintf(at, (size_t)(shape + sizeof shape - at), "%s%llu", i < rank - 1 ? ", " : "",
+                           (unsigned long long)dims[i]);
+        return nsa__error(NSA_ERR_BACKEND,
+                          "cuda: cuTensorMapEncodeTiled failed (%d) for a [%s] bf16 tensor", (int)r,
+                          shape);
+    }
+    return NSA_OK;
+}
+
 nsa_status nsa__cuda_tensor_map(nsa_context *ctx, CUtensorMap *map, const void *X, int B, int Tk,
                                 int G, int d, int rows)
 {
-    typedef CUresult (*encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *,
-                                  const cuuint64_t *, const cuuint64_t *, const cuuint32_t *,
-                                  const cuuint32_t *, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                  CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-    encode_fn encode = (encode_fn)nsa__cuda(ctx)->tma_encode;
-    if (!encode)
-        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda: the driver has no TMA tensor-map encoder");
     cuuint64_t dims[4] = {(cuuint64_t)d, (cuuint64_t)G, (cuuint64_t)Tk, (cuuint64_t)B};
     cuuint64_t strides[3] = {(cuuint64_t)d * 2, (cuuint64_t)G * d * 2,
                              (cuuint64_t)Tk * G * d * 2}; // bytes, dims 1 .. 3
-    cuuint32_t box[4] = {64, 1, (cuuint32_t)rows, 1}, estr[4] = {1, 1, 1, 1};
-    CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, (void *)X, dims, strides, box,
-                        estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                        CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    if (r != CUDA_SUCCESS)
-        return nsa__error(NSA_ERR_BACKEND,
-                          "cuda: cuTensorMapEncodeTiled failed (%d) for a [%d, %d, %d, %d] bf16 "
-                          "tensor, boxes of %d rows",
-                          (int)r, B, Tk, G, d, rows);
-    return NSA_OK;
+    cuuint32_t box[4] = {64, 1, (cuuint32_t)rows, 1};
+    return encode_bf16(ctx, map, X, 4, dims, strides, box);
+}
+
+nsa_status nsa__cuda_tensor_map_rows(nsa_context *ctx, CUtensorMap *map, const void *X, int B,
+                                     int T, int G, int hpg, int d, int npos)
+{
+    cuuint64_t dims[5] = {(cuuint64_t)d, (cuuint64_t)hpg, (cuuint64_t)G, (cuuint64_t)T,
+                          (cuuint64_t)B};
+    cuuint64_t row = (cuuint64_t)d * 2;
+    cuuint64_t strides[4] = {row, row * hpg, row * hpg * G, row * hpg * G * T};
+    cuuint32_t box[5] = {64, (cuuint32_t)hpg, 1, (cuuint32_t)npos, 1};
+    return encode_bf16(ctx, map, X, 5, dims, strides, box);
 }

@@ -25,6 +25,13 @@
 nsa_status nsa__cuda_tensor_map(nsa_context *ctx, CUtensorMap *map, const void *X, int B, int Tk,
                                 int G, int d, int rows);
 
+// The tensor map of query-shaped rows X [B, T, G * hpg, d] bf16 (q, dO) as the 5-D tensor
+// {d, hpg, G, T, B} with boxes {64, hpg, 1, npos, 1}: one box is one 64-column panel of the
+// npos * hpg rows (position-major, the rows of a tile of the key-centric kernels) of npos
+// consecutive positions and one kv head. hpg * npos <= 256.
+nsa_status nsa__cuda_tensor_map_rows(nsa_context *ctx, CUtensorMap *map, const void *X, int B,
+                                     int T, int G, int hpg, int d, int npos);
+
 static __device__ __forceinline__ void mbar_init(uint64_t *bar, unsigned count)
 {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count)
@@ -59,6 +66,12 @@ static __device__ __forceinline__ void mbar_expect_tx(uint64_t *bar, unsigned by
                  : "memory");
 }
 
+// The calling thread's arrival (no transaction bytes).
+static __device__ __forceinline__ void mbar_arrive(uint64_t *bar)
+{
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+
 // Waits until the barrier's phase of parity `parity` has completed.
 static __device__ __forceinline__ void mbar_wait(uint64_t *bar, unsigned parity)
 {
@@ -81,6 +94,28 @@ static __device__ __forceinline__ void tma_load_4d(void *dst, const CUtensorMap 
                  " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem_addr(dst)),
                  "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
                  "r"(smem_addr(bar))
+                 : "memory");
+}
+
+// Box (c0, .., c4) of a 5-D tensor map into dst, completing on bar.
+static __device__ __forceinline__ void tma_load_5d(void *dst, const CUtensorMap *map, int c0,
+                                                   int c1, int c2, int c3, int c4, uint64_t *bar)
+{
+    asm volatile("cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4, %5, %6}], [%7];\n" ::"r"(smem_addr(dst)),
+                 "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+                 "r"(c4), "r"(smem_addr(bar))
+                 : "memory");
+}
+
+// `bytes` (a multiple of 16) of contiguous global memory at src (16-byte aligned) into dst,
+// completing on bar.
+static __device__ __forceinline__ void bulk_load(void *dst, const void *src, unsigned bytes,
+                                                 uint64_t *bar)
+{
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1], %2, [%3];\n" ::"r"(smem_addr(dst)),
+                 "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(smem_addr(bar))
                  : "memory");
 }
 
