@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 template <int DP, int WG, int KC, int ST> static size_t range_wg_smem_bytes()
 {
     return (WG * (size_t)NB + 2 * ST * (size_t)KC) * DP * sizeof(bf16) + sizeof(mrows<MB * WG>) +
-           ST * sizeof(uint64_t) + SMEM_ALIGN;
+           2 * ST * sizeof(uint64_t) + SMEM_ALIGN;
 }
 
 template <int DP, int WG, int PATH, int KC, int ST, bool TMA>
@@ -182,12 +182,14 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16 *Qs = (bf16 *)smem_aligned(smem_raw), *Ks = Qs + WG * TQ, *Vs = Ks + ST * TC;
     mrows<R> *tr = (mrows<R> *)(Vs + ST * TC);
-    uint64_t *bars = (uint64_t *)(tr + 1); // TMA: stage i % ST holds chunk i
+    // TMA: stage i % ST holds chunk i; full barriers, then empty ones (every thread done
+    // with the stage's chunk)
+    uint64_t *bars = (uint64_t *)(tr + 1);
     int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
     int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4;
     int wg = warpgroup_index(), row0 = wg * NB + warp * 16;
     if (TMA)
-        mbar_init_stages<ST>(bars);
+        mbar_init_pipe<ST>(bars, MMA_THREADS * WG);
     mrows_init<R>(tr, s, tile, g, b);
     __syncthreads();
     Qs += wg * TQ;
@@ -273,15 +275,18 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
     for (int i = 0; i < nch; i++) {
         bool next = i + 1 < nch;
         // chunk i + 1 in shared memory; every warpgroup past the product of chunk i - 1,
-        // whose stage takes chunk i + ST - 1
+        // whose stage takes chunk i + ST - 1 (TMA: thread 0 waits for the stage's empty
+        // barrier, the others go on)
         if (TMA) {
+            if (threadIdx.x == 0 && i > 0 && i + ST - 1 < nch)
+                mbar_wait(&bars[ST + (i - 1) % ST], (unsigned)((i - 1) / ST) & 1u);
             if (next)
                 arrived(i + 1);
         } else {
             cp_async_wait<ST - 3>();
             fence_async_smem();
+            __syncthreads();
         }
-        __syncthreads();
         load(i + ST - 1);
         // (issued after the last chunk too, on chunk i's resident stage, and ignored: a
         // product issued on every path keeps the compiler from copying its accumulators
@@ -297,6 +302,8 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
         }
         wg_wait<0>(); // O += P V of chunk i: a is free again
         wgmma_hold(acc.o);
+        if (TMA) // done with chunk i's stage
+            mbar_arrive(&bars[ST + i % ST]);
         if (next)
 #pragma unroll
             for (int j = 0; j < KC / 16; j++)
@@ -383,7 +390,7 @@ template <int HALF, int BIT> static __device__ __forceinline__ void halve_sum(fl
 template <int DP> static size_t score_smem_bytes(const attn_shape &s)
 {
     int QT = MB / s.hpg, slots = QT > 4 ? QT : 4;
-    return 3 * (size_t)NB * DP * sizeof(bf16) + SMEM_ALIGN + 2 * sizeof(uint64_t) +
+    return 3 * (size_t)NB * DP * sizeof(bf16) + SMEM_ALIGN + 4 * sizeof(uint64_t) +
            sizeof(mrows<MB>) + ((size_t)QT * s.nb + 1) / 2 * 2 * sizeof(float) +
            4 * (size_t)s.n * sizeof(int) + (size_t)slots * NB * sizeof(float);
 }
@@ -398,8 +405,8 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
     // Q and two stages of compressed keys, sw128 tiles (S = Q Kc^T by wg_rows_keys), the
     // stages' barriers (TMA)
     bf16 *Qs = (bf16 *)smem_aligned(smem_raw), *Ks = Qs + TE;
-    uint64_t *bars = (uint64_t *)(Ks + 2 * TE);
-    mrows<MB> *tr = (mrows<MB> *)(bars + 2);
+    uint64_t *bars = (uint64_t *)(Ks + 2 * TE); // full, empty (wg_stream_tma)
+    mrows<MB> *tr = (mrows<MB> *)(bars + 4);
     int QT = MB / s.hpg;
     float *score = (float *)(tr + 1);
     int *tmp = (int *)(score + ((size_t)QT * s.nb + 1) / 2 * 2); // ssum's float2 8-aligned
@@ -411,7 +418,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
     int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
     if (TMA)
-        mbar_init_stages<2>(bars);
+        mbar_init_pipe<2>(bars, MMA_THREADS);
     mrows_init<MB>(tr, s, tile, g, b);
     for (int e = threadIdx.x; e < QT * s.nb; e += MMA_THREADS)
         score[e] = 0.0f;
@@ -444,6 +451,10 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
     int tq_lane = tq0 + p_first + lane;
     int ncand_lane = fast && lane < p_per_warp && tq_lane < s.Tq
                          ? num_candidates(s, s.q_start + tq_lane) : 0;
+    // The paper's blocks (b = 4 r, l = 2 r) with a warp a position (hpg = 16): a block's
+    // tokens lie in three neighbouring lanes after the head sums, so two shuffles sum it.
+    bool quad = fast && s.hpg == 16 && TB == 4 && ov == 1;
+    int ncand_w = __shfl_sync(0xffffffffu, ncand_lane, 0);
     auto chunk = [&](int i, const bf16 *Kt, const bf16 *) {
         int j0 = i * NB, cnt = min(NB, nc_max - j0);
         float sc[8][4];
@@ -475,6 +486,18 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
             halve_sum<8, 16>(a, lane);
             halve_sum<4, 8>(a, lane);
             halve_sum<2, 4>(a, lane);
+            if (quad) { // block 16 i + m: tokens 4 m - 1 .. 4 m + 3 (lanes 2m - 1 .. 2m + 1)
+                float x = a[0] + a[1];
+                float y = x + __shfl_down_sync(0xffffffffu, x, 1);
+                float z = __shfl_up_sync(0xffffffffu, a[1], 1);
+                int m = lane / 2, blk = i * 16 + m;
+                float *sc_w = score + (size_t)warp * s.nb;
+                if ((lane & 1) == 0 && blk < ncand_w)
+                    sc_w[blk] += m > 0 ? y + z : y;
+                if (lane == 31 && blk + 1 < ncand_w) // token 63 opens block 16 i + 16
+                    sc_w[blk + 1] += a[1];
+                return;
+            }
             *reinterpret_cast<float2 *>(ssum + warp * NB + 2 * lane) = make_float2(a[0], a[1]);
         } else { // the hpg row groups of a position
 #pragma unroll
@@ -544,7 +567,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
     };
     int nch = (nc_max + NB - 1) / NB;
     if (TMA)
-        wg_stream_tma<DP>(
+        wg_stream_tma<DP, 2>(
             Ks, Ks, bars, g, b, nch,
             [&](int i, const CUtensorMap *&mK, const CUtensorMap *&mV, int &key0) {
                 mK = &tmKc, mV = NULL, key0 = i * NB;

@@ -259,38 +259,47 @@ __device__ __forceinline__ void wg_stream(bf16 *Ks, bf16 *Vs, size_t stride, int
     cp_async_wait<0>();
 }
 
-// The same with the key tiles by TMA (tma.cuh): src(i, mK, mV, key0) names chunk i's tensor
-// maps (__grid_constant__ parameters; mV NULL: K alone) and its first key (of kv head g,
-// batch entry b; keys past the chunk's own hold later keys, or zeros past the sequence,
-// which the callers mask); thread 0 issues each chunk's copies, every thread waits on the
-// stage's barrier (bars: two, from mbar_init_stages<2>). Callers' earlier cp.async copies
-// are waited for and fenced before chunk 0.
-template <int DP, class Src, class Body>
+// The same with the key tiles by TMA (tma.cuh) through ST stages: src(i, mK, mV, key0) names
+// chunk i's tensor maps (__grid_constant__ parameters; mV NULL: K alone) and its first key
+// (of kv head g, batch entry b; keys past the chunk's own hold later keys, or zeros past the
+// sequence, which the callers mask). Thread 0 issues each chunk's copies on its stage's
+// `full` barrier once every thread has arrived on the stage's `empty` barrier after the
+// chunk before (bars: mbar_init_pipe<ST>(bars, blockDim.x)); no block barrier a chunk, so
+// warpgroups drift apart by up to ST - 2 chunks and one's softmax runs under another's
+// products. body must be done reading the stage (its products waited for) when it returns.
+// Callers' earlier cp.async copies are waited for and fenced before chunk 0.
+template <int DP, int ST, class Src, class Body>
 __device__ __forceinline__ void wg_stream_tma(bf16 *Ks, bf16 *Vs, uint64_t *bars, int g, int b,
                                               int nch, Src src, Body body)
 {
+    static_assert(ST >= 2, "a stage in use and one filling");
     const int TE = NB * DP;
+    uint64_t *full = bars, *empty = bars + ST;
     auto issue = [&](int i) {
         const CUtensorMap *mK, *mV;
         int key0;
         src(i, mK, mV, key0);
-        uint64_t *bar = &bars[i & 1];
+        uint64_t *bar = &full[i % ST];
         mbar_expect_tx(bar, (mV ? 2 : 1) * TE * (unsigned)sizeof(bf16));
-        tma_tile<DP, NB>(Ks + (i & 1) * TE, mK, g, b, key0, bar);
+        tma_tile<DP, NB>(Ks + (i % ST) * TE, mK, g, b, key0, bar);
         if (mV)
-            tma_tile<DP, NB>(Vs + (i & 1) * TE, mV, g, b, key0, bar);
+            tma_tile<DP, NB>(Vs + (i % ST) * TE, mV, g, b, key0, bar);
     };
-    if (threadIdx.x == 0 && nch > 0)
-        issue(0);
+    if (threadIdx.x == 0)
+        for (int i = 0; i < ST - 1 && i < nch; i++)
+            issue(i);
     cp_async_wait<0>();
     fence_async_smem();
     __syncthreads();
     for (int i = 0; i < nch; i++) {
-        if (threadIdx.x == 0 && i + 1 < nch)
-            issue(i + 1); // into the stage chunk i - 1 used: every thread is past it
-        mbar_wait(&bars[i & 1], (unsigned)(i >> 1) & 1u);
-        body(i, Ks + (i & 1) * TE, Vs + (i & 1) * TE);
-        __syncthreads();
+        if (threadIdx.x == 0 && i + ST - 1 < nch) { // into the stage chunk i - 1 used
+            if (i > 0)
+                mbar_wait(&empty[(i - 1) % ST], (unsigned)((i - 1) / ST) & 1u);
+            issue(i + ST - 1);
+        }
+        mbar_wait(&full[i % ST], (unsigned)(i / ST) & 1u);
+        body(i, Ks + (i % ST) * TE, Vs + (i % ST) * TE);
+        mbar_arrive(&empty[i % ST]);
     }
 }
 

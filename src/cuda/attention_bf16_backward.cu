@@ -215,9 +215,16 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 // chunks streamed (WG = 2 halves the K/V traffic per row). Q and dO stay in shared memory
 // (sw128 tiles), the compressed chunks then the window chunks run through one two-stage
 // pipeline. Writes dq (=); the selected path adds its part after.
-template <int DP, int WG> static size_t dq_wg_smem_bytes()
+// stages of the key chunks (TMA; a compile-time tuning knob)
+#ifndef NSA_DQ_KST
+#define NSA_DQ_KST 3
+#endif
+#define DQ_KST(TMA) ((TMA) ? NSA_DQ_KST : 2)
+
+template <int DP, int WG> static size_t dq_wg_smem_bytes(bool tma)
 {
-    return (2 * WG + 4) * (size_t)NB * DP * sizeof(bf16) + 2 * sizeof(uint64_t) +
+    int kst = DQ_KST(tma);
+    return (2 * WG + 2 * kst) * (size_t)NB * DP * sizeof(bf16) + 2 * kst * sizeof(uint64_t) +
            sizeof(mrows<MB * WG>) + SMEM_ALIGN;
 }
 
@@ -235,14 +242,15 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, WG == 1 ? 2 : 1)
     const int R = MB * WG, TE = NB * DP;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16 *Qs = (bf16 *)smem_aligned(smem_raw), *Os = Qs + WG * TE, *Ks = Os + WG * TE;
-    bf16 *Vs = Ks + 2 * TE;
-    uint64_t *bars = (uint64_t *)(Vs + 2 * TE); // the stages' barriers (TMA)
-    mrows<R> *tr = (mrows<R> *)(bars + 2);
+    const int KST = DQ_KST(TMA);
+    bf16 *Vs = Ks + KST * TE;
+    uint64_t *bars = (uint64_t *)(Vs + KST * TE); // the stages' barriers (TMA)
+    mrows<R> *tr = (mrows<R> *)(bars + 2 * KST);
     int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
     int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
     int wg = warpgroup_index();
     if (TMA)
-        mbar_init_stages<2>(bars);
+        mbar_init_pipe<KST>(bars, MMA_THREADS * WG);
     mrows_init<R>(tr, s, tile, g, b);
     __syncthreads();
     Qs += wg * TE, Os += wg * TE; // this warpgroup's rows wg * 64 ..
@@ -321,7 +329,7 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, WG == 1 ? 2 : 1)
         wg_p_v<DP>(acc, a, Kt, lane); // dQ += dS K: K's rows play V's part
     };
     if (TMA)
-        wg_stream_tma<DP>(
+        wg_stream_tma<DP, KST>(
             Ks, Vs, bars, g, b, nch,
             [&](int i, const CUtensorMap *&mK, const CUtensorMap *&mV, int &key0) {
                 bool cmp = i < ncc;
@@ -364,7 +372,7 @@ static nsa_status dq_wg(nsa_context *ctx, const attn_shape &s, float *dq, const 
         NSA_TRY(nsa__cuda_tensor_map(ctx, &tm.k, k, s.B, s.T, s.G, s.d, NB));
         NSA_TRY(nsa__cuda_tensor_map(ctx, &tm.v, v, s.B, s.T, s.G, s.d, NB));
     }
-    size_t bytes = dq_wg_smem_bytes<DP, WG>();
+    size_t bytes = dq_wg_smem_bytes<DP, WG>(tma);
     NSA_TRY(allow_smem(ctx, kernel, bytes));
     kernel<<<dim3((unsigned)tiles, s.G, s.B), WG * MMA_THREADS, bytes, nsa__cuda_stream(ctx)>>>(
         dq, q, k, v, kc, vc, dO16, gates, lse, Dp, tm, s);
@@ -451,8 +459,12 @@ static nsa_status dq_slc_warp(nsa_context *ctx, const attn_shape &s, float *dq, 
 // ---------------------------------------------------------------------------------------
 // dk, dv: key-centric
 
-// stages of the TMA row stream: 3 with two warpgroups (one block a SM), 2 with one (two)
-#define DKV_ST(WG) ((WG) == 2 ? 3 : 2)
+// stages of the TMA row stream: 3 with two warpgroups (one block a SM; a compile-time
+// tuning knob), 2 with one (two blocks a SM)
+#ifndef NSA_DKV_ST2
+#define NSA_DKV_ST2 3
+#endif
+#define DKV_ST(WG) ((WG) == 2 ? NSA_DKV_ST2 : 2)
 
 template <int DP, int WG, int ST> static size_t dkv_smem_bytes()
 {
@@ -697,14 +709,7 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
     };
 
     if constexpr (TMA && NSA_WGMMA) { // (the sm_90 build's padded tiles: cp.async)
-        if (threadIdx.x == 0) {
-#pragma unroll
-            for (int i = 0; i < ST; i++) {
-                mbar_init(&full[i], 1);
-                mbar_init(&empty[i], MMA_THREADS * WG); // every thread's
-            }
-            mbar_fence_init();
-        }
+        mbar_init_pipe<ST>(full, MMA_THREADS * WG); // empty = full + ST
         // metadata rows no copy fills (past the sequence, past the list) read as finite
         for (int i = threadIdx.x; i < ST * MB; i += blockDim.x)
             meta_s[i] = make_float4(__int_as_float(-1), 0.0f, 0.0f, 0.0f);

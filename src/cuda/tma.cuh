@@ -45,15 +45,20 @@ static __device__ __forceinline__ void mbar_fence_init()
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
 
-// The N stage barriers of a pipeline, each completing on one arrival (the expect_tx of the
-// thread that issues the stage's copies): thread 0 initialises them; a __syncthreads must
-// follow before other threads wait on them.
-template <int N> static __device__ __forceinline__ void mbar_init_stages(uint64_t *bars)
+// The barriers of an ST-stage pipeline, bars[0 .. 2 ST): `full` (i < ST), completing on one
+// arrival (the expect_tx of the thread that issues the stage's copies) and the copies'
+// bytes, then `empty` (ST + i), completing on `consumers` arrivals (every thread done
+// reading the stage). Thread 0 initialises them; a __syncthreads must follow before other
+// threads use them.
+template <int ST>
+static __device__ __forceinline__ void mbar_init_pipe(uint64_t *bars, unsigned consumers)
 {
     if (threadIdx.x == 0) {
 #pragma unroll
-        for (int i = 0; i < N; i++)
+        for (int i = 0; i < ST; i++) {
             mbar_init(&bars[i], 1);
+            mbar_init(&bars[ST + i], consumers);
+        }
         mbar_fence_init();
     }
 }
