@@ -387,24 +387,32 @@ template <int HALF, int BIT> static __device__ __forceinline__ void halve_sum(fl
     }
 }
 
+// Q stays in registers (qreg) when a warp's 16 rows are one position's heads (H/G a multiple
+// of 16): a quarter less shared memory, four blocks a SM at 64k.
+static bool score_qreg(const attn_shape &s)
+{
+    return s.hpg % 16 == 0;
+}
+
 template <int DP> static size_t score_smem_bytes(const attn_shape &s)
 {
     int QT = MB / s.hpg, slots = QT > 4 ? QT : 4;
-    return 3 * (size_t)NB * DP * sizeof(bf16) + SMEM_ALIGN + 4 * sizeof(uint64_t) +
+    return (score_qreg(s) ? 2 : 3) * (size_t)NB * DP * sizeof(bf16) + SMEM_ALIGN +
+           4 * sizeof(uint64_t) +
            sizeof(mrows<MB>) + ((size_t)QT * s.nb + 1) / 2 * 2 * sizeof(float) +
            4 * (size_t)s.n * sizeof(int) + (size_t)slots * NB * sizeof(float);
 }
 
-template <int DP, bool TMA>
+template <int DP, bool TMA, bool QREG>
 __global__ void __launch_bounds__(MMA_THREADS, 4)
     bf16_score_kernel(int32_t *idx, const float *lse3, const bf16 *q, const bf16 *kc,
                       const __grid_constant__ CUtensorMap tmKc, attn_shape s)
 {
     const int TE = NB * DP;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    // Q and two stages of compressed keys, sw128 tiles (S = Q Kc^T by wg_rows_keys), the
-    // stages' barriers (TMA)
-    bf16 *Qs = (bf16 *)smem_aligned(smem_raw), *Ks = Qs + TE;
+    // Q (unless in registers) and two stages of compressed keys, sw128 tiles (S = Q Kc^T by
+    // wg_rows_keys[_rq]), the stages' barriers (TMA)
+    bf16 *Qs = (bf16 *)smem_aligned(smem_raw), *Ks = Qs + (QREG ? 0 : TE);
     uint64_t *bars = (uint64_t *)(Ks + 2 * TE); // full, empty (wg_stream_tma)
     mrows<MB> *tr = (mrows<MB> *)(bars + 4);
     int QT = MB / s.hpg;
@@ -423,8 +431,17 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
     for (int e = threadIdx.x; e < QT * s.nb; e += MMA_THREADS)
         score[e] = 0.0f;
     __syncthreads();
-    load_rows_sw<DP, MB>(Qs, q, tr, s.d);
-    cp_async_commit();
+    uint32_t qf[QREG ? DP / 16 : 1][4]; // (QREG) the warp's rows: one position's heads
+    if constexpr (QREG) {
+        if (tr->t[warp * 16] >= 0)
+            global_a_frags<DP>(qf, q, (size_t)tr->row[warp * 16], s.d, lane);
+        else
+            for (auto &f : qf)
+                f[0] = f[1] = f[2] = f[3] = 0u;
+    } else {
+        load_rows_sw<DP, MB>(Qs, q, tr, s.d);
+        cp_async_commit();
+    }
     long long last_rg = min((long long)tile * MB + MB - 1, (long long)s.Tq * s.hpg - 1);
     int nc_max = visible_cmp(s, s.q_start + (int)(last_rg / s.hpg));
     int vis[2];
@@ -458,7 +475,10 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
     auto chunk = [&](int i, const bf16 *Kt, const bf16 *) {
         int j0 = i * NB, cnt = min(NB, nc_max - j0);
         float sc[8][4];
-        wg_rows_keys<DP>(sc, Qs, Kt, warp, lane);
+        if constexpr (QREG)
+            wg_rows_keys_rq<DP>(sc, qf, Kt, lane);
+        else
+            wg_rows_keys<DP>(sc, Qs, Kt, warp, lane);
         if (wide) {
             // a[2 nt + e]: token nt * 8 + 2 c4 + e summed over the thread's rows g, g + 8
             float a[16];
@@ -790,7 +810,11 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
         NSA_TRY((range_path<DP, PATH_CMP>(ctx, s, o_cmp, lse3, q, kc, vc)));
         if (fused) {
             int tma = nsa__cuda(ctx)->use_tma && s.Tc > 0;
-            auto kernel = tma ? bf16_score_kernel<DP, true> : bf16_score_kernel<DP, false>;
+            bool qreg = score_qreg(s);
+            auto kernel = tma ? (qreg ? bf16_score_kernel<DP, true, true>
+                                      : bf16_score_kernel<DP, true, false>)
+                              : (qreg ? bf16_score_kernel<DP, false, true>
+                                      : bf16_score_kernel<DP, false, false>);
             CUtensorMap tm{}; // (zeros when unused)
             if (tma)
                 NSA_TRY(nsa__cuda_tensor_map(ctx, &tm, kc, s.B, s.Tc, s.G, s.d, NB));

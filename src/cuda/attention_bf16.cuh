@@ -87,28 +87,39 @@ __device__ __forceinline__ void load_tile_sw(bf16 *dst, const bf16 *X, size_t ba
 }
 
 // The same products on tiles in the sw128 layout, by warp and mma.sync (the fallback of the
-// warpgroup kernels where wgmma is absent): s (16 x KC) = A B^T, A rows a_row0 .. + 15 of a
-// 64-row sw128 tile, B a KC-row sw128 tile; o (16 x DP) += P B, P the A fragments of the
-// warp's rows over the KC rows of B.
+// warpgroup kernels where wgmma is absent): s (16 x KC) = A B^T, A the warp's rows as
+// mma.sync A fragments (af, one per k-step) or rows a_row0 .. + 15 of a 64-row sw128 tile,
+// B a KC-row sw128 tile; o (16 x DP) += P B, P the A fragments of the warp's rows over the
+// KC rows of B.
 template <int DP, int KC = NB>
-__device__ __forceinline__ void mma_ss_sw(float (&s)[KC / 8][4], const bf16 *At, int a_row0,
+__device__ __forceinline__ void mma_rs_sw(float (&s)[KC / 8][4], const uint32_t (&af)[DP / 16][4],
                                           const bf16 *Bt, int lane)
 {
-    const unsigned char *A = (const unsigned char *)At, *B = (const unsigned char *)Bt;
+    const unsigned char *B = (const unsigned char *)Bt;
     frag_zero(s);
     int mi = lane / 8, r = lane % 8;
 #pragma unroll
-    for (int ks = 0; ks < DP / 16; ks++) {
-        uint32_t a[4];
-        ldmatrix_x4(a, A + sw128_off(NB, a_row0 + (mi % 2) * 8 + r, ks * 16 + (mi / 2) * 8));
+    for (int ks = 0; ks < DP / 16; ks++)
 #pragma unroll
         for (int j = 0; j < KC / 16; j++) {
             uint32_t b[4];
             ldmatrix_x4(b, B + sw128_off(KC, 16 * j + (mi / 2) * 8 + r, ks * 16 + (mi % 2) * 8));
-            mma_bf16(s[2 * j], a, b[0], b[1]);
-            mma_bf16(s[2 * j + 1], a, b[2], b[3]);
+            mma_bf16(s[2 * j], af[ks], b[0], b[1]);
+            mma_bf16(s[2 * j + 1], af[ks], b[2], b[3]);
         }
-    }
+}
+
+template <int DP, int KC = NB>
+__device__ __forceinline__ void mma_ss_sw(float (&s)[KC / 8][4], const bf16 *At, int a_row0,
+                                          const bf16 *Bt, int lane)
+{
+    const unsigned char *A = (const unsigned char *)At;
+    int mi = lane / 8, r = lane % 8;
+    uint32_t af[DP / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < DP / 16; ks++)
+        ldmatrix_x4(af[ks], A + sw128_off(NB, a_row0 + (mi % 2) * 8 + r, ks * 16 + (mi / 2) * 8));
+    mma_rs_sw<DP, KC>(s, af, Bt, lane);
 }
 
 template <int DP, int KC = NB>
@@ -183,6 +194,24 @@ __device__ __forceinline__ void wg_rows_keys(float (&s)[8][4], const bf16 *A, co
     wg_rows_keys_issue<DP>(s, A, B, warp, lane);
     wg_wait<0>();
     wgmma_hold(s);
+}
+
+// s = A B^T with A the warp's 16 rows in registers (mma.sync A fragments, one a k-step).
+template <int DP>
+__device__ __forceinline__ void wg_rows_keys_rq(float (&s)[8][4], const uint32_t (&af)[DP / 16][4],
+                                                const bf16 *B, int lane)
+{
+#if NSA_WGMMA
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < DP / 16; ks++)
+        wgmma_rs_n64<0>(s, af[ks], desc_k(B, NB, ks), ks > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_hold(s);
+#else
+    mma_rs_sw<DP>(s, af, B, lane);
+#endif
 }
 
 template <int DP>

@@ -33,13 +33,19 @@ __global__ void bf16_bwd_prep_kernel(float *dgates, float *Dp, float4 *meta4, bf
     size_t nwarps = (size_t)gridDim.x * blockDim.x / 32;
     for (size_t row = warp; row < rows; row += nwarps) {
         float a[3] = {0.0f, 0.0f, 0.0f};
-        for (int c = lane; c < d; c += 32) {
+        for (int c = lane * 4; c < d; c += 128) { // 4 columns a lane (d % 8 == 0)
             size_t i = row * d + c;
-            float x = dout[i];
-            dO16[i] = __float2bfloat16_rn(x);
+            float4 x = *reinterpret_cast<const float4 *>(dout + i);
+            __nv_bfloat162 lo = __floats2bfloat162_rn(x.x, x.y), hi = __floats2bfloat162_rn(x.z, x.w);
+            uint2 packed;
+            packed.x = *reinterpret_cast<uint32_t *>(&lo);
+            packed.y = *reinterpret_cast<uint32_t *>(&hi);
+            *reinterpret_cast<uint2 *>(dO16 + i) = packed;
 #pragma unroll
-            for (int p = 0; p < 3; p++)
-                a[p] = fmaf(x, o_paths[(size_t)p * rows * d + i], a[p]);
+            for (int p = 0; p < 3; p++) {
+                float4 o = *reinterpret_cast<const float4 *>(o_paths + (size_t)p * rows * d + i);
+                a[p] = fmaf(x.x, o.x, fmaf(x.y, o.y, fmaf(x.z, o.z, fmaf(x.w, o.w, a[p]))));
+            }
         }
         // lanes 0, 1, 2: path p = lane
         float sum = 0.0f;
@@ -886,8 +892,8 @@ nsa_status nsa__cuda_attn_backward_bf16(nsa_context *ctx, const nsa__attn_dims *
                           s.q_start);
     if (s.T <= 0 || s.B <= 0)
         return NSA_OK;
-    const void *ptrs[] = {q, k, v, kc, vc, dq, dk, dv, dkc, dvc};
-    if (!bf16_supported(s, ptrs, 10))
+    const void *ptrs[] = {q, k, v, kc, vc, dq, dk, dv, dkc, dvc, dout, o_paths};
+    if (!bf16_supported(s, ptrs, 12))
         return nsa__error(NSA_ERR_UNSUPPORTED,
                           "cuda bf16 attention: head_dim = %d: needs a multiple of 8 up to 128 "
                           "and 16-byte aligned buffers",
@@ -978,9 +984,9 @@ nsa_status nsa__cuda_attn_backward_as_bf16(nsa_context *ctx, const nsa__attn_dim
                                            float *dgates, int *done)
 {
     attn_shape s = shape_of(dims);
-    const void *ptrs[] = {dq, dk, dv, dkc, dvc};
+    const void *ptrs[] = {dq, dk, dv, dkc, dvc, dout, o_paths};
     *done = 0;
-    if (!bf16_supported(s, ptrs, 5))
+    if (!bf16_supported(s, ptrs, 7))
         return NSA_OK;
     uint16_t *op[5];
     NSA_TRY(operands_bf16(ctx, q, k, v, kc, vc, (size_t)s.B * s.T * s.H * s.d,
