@@ -829,6 +829,9 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
     NSA_TRY(dkv_grid_of(s, NB, 64 * MB, &kg));
     NSA_TRY(dkv_grid_of(s, 2 * NB, 64 * MB, &kg2));
     int tma = meta4 != NULL;
+    // the selected path's rows by TMA when a position's box is at least 1 KB (H/G >= 8; with
+    // fewer heads the copies are too small: H = G = 64 at 16k, 25 -> 32 ms)
+    int tma_slc = tma && s.hpg >= 8;
     dkv_maps tm{}, tm1{}; // boxes of a tile's positions, of one position (zeros when unused)
     if (tma) {
         NSA_TRY(nsa__cuda_tensor_map_rows(ctx, &tm.q, q, s.B, s.T, s.G, s.hpg, s.d, MB / s.hpg));
@@ -841,9 +844,9 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
                     : bf16_bwd_dkv_kernel<DP, PATH_WIN, 2, 2, false>;
     auto kcmp = tma ? bf16_bwd_dkv_kernel<DP, PATH_CMP, 2, DKV_ST(2), true>
                     : bf16_bwd_dkv_kernel<DP, PATH_CMP, 2, 2, false>;
-    auto kslc = tma ? bf16_bwd_dkv_kernel<DP, PATH_SLC, 1, DKV_ST(1), true>
+    auto kslc = tma_slc ? bf16_bwd_dkv_kernel<DP, PATH_SLC, 1, DKV_ST(1), true>
                     : bf16_bwd_dkv_kernel<DP, PATH_SLC, 1, 2, false>;
-    size_t kv_bytes = tma ? dkv_smem_bytes<DP, 1, DKV_ST(1)>() : dkv_smem_bytes<DP, 1, 2>();
+    size_t kv_bytes = tma_slc ? dkv_smem_bytes<DP, 1, DKV_ST(1)>() : dkv_smem_bytes<DP, 1, 2>();
     size_t kv2_bytes = tma ? dkv_smem_bytes<DP, 2, DKV_ST(2)>() : dkv_smem_bytes<DP, 2, 2>();
     NSA_TRY(allow_smem(ctx, kwin, kv2_bytes));
     kwin<<<kg2.win, 2 * MMA_THREADS, kv2_bytes, st>>>(dk, dv, q, dO16, k, v, gates, lse, Dp,
