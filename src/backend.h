@@ -142,7 +142,8 @@ struct nsa__backend_ops {
     // bf16 variants (NULL where the backend has none): q, k, v, kc, vc hold bf16 values
     // (uint16 bit patterns, 16-byte aligned), used as tensor-core operands with fp32
     // accumulation; gates, dout and every output are fp32, shapes as above. Head dims that
-    // are multiples of 8 up to 128; other shapes return NSA_ERR_UNSUPPORTED.
+    // are multiples of 8 up to 128, and the fp32 buffers (outputs, o_paths, dout) 16-byte
+    // aligned; other shapes return NSA_ERR_UNSUPPORTED.
     nsa_status (*attn_forward_bf16)(nsa_context *ctx, const nsa__attn_dims *dims,
                                     const uint16_t *q, const uint16_t *k, const uint16_t *v,
                                     const uint16_t *kc, const uint16_t *vc, const float *gates,

@@ -471,7 +471,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
     // The paper's blocks (b = 4 r, l = 2 r) with a warp a position (hpg = 16): a block's
     // tokens lie in three neighbouring lanes after the head sums, so two shuffles sum it.
     bool quad = fast && s.hpg == 16 && TB == 4 && ov == 1;
-    int ncand_w = __shfl_sync(0xffffffffu, ncand_lane, 0);
+    int ncand_warp = __shfl_sync(0xffffffffu, ncand_lane, 0);
     auto chunk = [&](int i, const bf16 *Kt, const bf16 *) {
         int j0 = i * NB, cnt = min(NB, nc_max - j0);
         float sc[8][4];
@@ -511,11 +511,12 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
                 float y = x + __shfl_down_sync(0xffffffffu, x, 1);
                 float z = __shfl_up_sync(0xffffffffu, a[1], 1);
                 int m = lane / 2, blk = i * 16 + m;
-                float *sc_w = score + (size_t)warp * s.nb;
-                if ((lane & 1) == 0 && blk < ncand_w)
-                    sc_w[blk] += m > 0 ? y + z : y;
-                if (lane == 31 && blk + 1 < ncand_w) // token 63 opens block 16 i + 16
-                    sc_w[blk + 1] += a[1];
+                float *warp_score = score + (size_t)warp * s.nb;
+                if ((lane & 1) == 0 && blk < ncand_warp)
+                    warp_score[blk] += m > 0 ? y + z : y;
+                if (lane == 31 && blk + 1 < ncand_warp) // token 63 opens block 16 i + 16
+                    warp_score[blk + 1] += a[1];
+                __syncwarp(); // (lane 0 adds to that block in the next chunk)
                 return;
             }
             *reinterpret_cast<float2 *>(ssum + warp * NB + 2 * lane) = make_float2(a[0], a[1]);
@@ -583,7 +584,12 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
                     sum += ssum[sl * NB + jj - j0];
             score[(size_t)tqi * s.nb + bi] += sum;
         }
-        __syncwarp();
+        // the next chunk's slots are written only once every reader of these is done
+        // (wide positions read other warps' slots; the key stream has no block barrier)
+        if (s.hpg <= 16)
+            __syncwarp();
+        else
+            __syncthreads();
     };
     int nch = (nc_max + NB - 1) / NB;
     if (TMA)

@@ -294,8 +294,9 @@ __device__ __forceinline__ void wg_stream(bf16 *Ks, bf16 *Vs, size_t stride, int
 // sequence, which the callers mask). Thread 0 issues each chunk's copies on its stage's
 // `full` barrier once every thread has arrived on the stage's `empty` barrier after the
 // chunk before (bars: mbar_init_pipe<ST>(bars, blockDim.x)); no block barrier a chunk, so
-// warpgroups drift apart by up to ST - 2 chunks and one's softmax runs under another's
-// products. body must be done reading the stage (its products waited for) when it returns.
+// threads drift apart by up to ST - 1 chunks and one warpgroup's softmax runs under
+// another's products. body must be done reading the stage (its products waited for) when
+// it returns, and must itself order any shared memory its warps exchange across chunks.
 // Callers' earlier cp.async copies are waited for and fenced before chunk 0.
 template <int DP, int ST, class Src, class Body>
 __device__ __forceinline__ void wg_stream_tma(bf16 *Ks, bf16 *Vs, uint64_t *bars, int g, int b,

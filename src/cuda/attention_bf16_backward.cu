@@ -3,7 +3,8 @@
  * on the tensor cores (fp32 accumulation), from the forward's saved paths and lse:
  *
  *   bf16_bwd_prep:  dgates[row, p] = dout . o_p; D[row, p] = gate_p * dgates[row, p]; dout
- *                   as bf16 (the MMA operand).
+ *                   as bf16 (the MMA operand); with TMA each row's metadata for bf16_bwd_dkv
+ *                   (meta4).
  *   bf16_bwd_dq:    query-centric, the forward's tile (64 rows of one kv head, the three
  *                   paths' key chunks streamed as in the forward, the selected blocks as the
  *                   union of the tile's choices): S = Q K^T, dP = dO V^T,
@@ -12,7 +13,9 @@
  *                   sees them, written; compressed: pieces of the queries, added; selected:
  *                   work items of the inverted selection index, added): S^T = K Q^T,
  *                   dP^T = V dO^T, dV += (gate P)^T dO, dK += dS^T Q. Partial sums of
- *                   several blocks meet in one fp32 atomic add per element and block.
+ *                   several blocks meet in one fp32 atomic add per element and block. The
+ *                   query rows stream by TMA through full/empty mbarrier stages where
+ *                   whole positions fill a tile (cp.async and a block barrier otherwise).
  * With P = exp(S scale - lse) from the forward's lse, so the softmax is not redone.
  */
 #include "cuda/attention_bf16.cuh"
@@ -22,6 +25,14 @@
 // kernels' TMA stream, meta4 [3 paths, B, G, T, hpg] float4 {position (-1: no key on the
 // path), lse * log2(e), gate, D} (the rows of a (path, batch entry, kv head) in the order
 // their q rows have there).
+
+// A query row's metadata on path p for the key-centric kernels: {position (-1: no key on
+// the path, no gradient), lse * log2(e), gate, D}.
+static __device__ __forceinline__ float4 dkv_row_meta(int t, float lse, float gate, float D)
+{
+    bool none = t < 0 || lse == -INFINITY;
+    return make_float4(__int_as_float(none ? -1 : t), none ? 0.0f : lse * LOG2E, gate, D);
+}
 
 __global__ void bf16_bwd_prep_kernel(float *dgates, float *Dp, float4 *meta4, bf16 *dO16,
                                      const float *dout, const float *o_paths, const float *gates,
@@ -36,7 +47,8 @@ __global__ void bf16_bwd_prep_kernel(float *dgates, float *Dp, float4 *meta4, bf
         for (int c = lane * 4; c < d; c += 128) { // 4 columns a lane (d % 8 == 0)
             size_t i = row * d + c;
             float4 x = *reinterpret_cast<const float4 *>(dout + i);
-            __nv_bfloat162 lo = __floats2bfloat162_rn(x.x, x.y), hi = __floats2bfloat162_rn(x.z, x.w);
+            __nv_bfloat162 lo = __floats2bfloat162_rn(x.x, x.y);
+            __nv_bfloat162 hi = __floats2bfloat162_rn(x.z, x.w);
             uint2 packed;
             packed.x = *reinterpret_cast<uint32_t *>(&lo);
             packed.y = *reinterpret_cast<uint32_t *>(&hi);
@@ -64,13 +76,8 @@ __global__ void bf16_bwd_prep_kernel(float *dgates, float *Dp, float4 *meta4, bf
                 size_t bt = row / s.H;
                 unsigned g = (unsigned)(row % s.H) / s.hpg, t = (unsigned)(bt % s.T);
                 size_t b = bt / s.T;
-                float l = lse3[row * 3 + p];
-                float4 m;
-                m.x = __int_as_float(l == -INFINITY ? -1 : (int)t);
-                m.y = l == -INFINITY ? 0.0f : l * LOG2E;
-                m.z = gate;
-                m.w = gate * sum;
-                meta4[((((size_t)p * s.B + b) * s.G + g) * s.T + t) * s.hpg + hh] = m;
+                meta4[((((size_t)p * s.B + b) * s.G + g) * s.T + t) * s.hpg + hh] =
+                    dkv_row_meta((int)t, lse3[row * 3 + p], gate, gate * sum);
             }
         }
     }
@@ -219,8 +226,8 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 // dq of the compressed and window paths by warpgroups (wg_rows_keys2 / wg_p_v: wgmma on
 // sm_90a): WG warpgroups own 64 query rows each of a tile of 64 WG rows and share the key
 // chunks streamed (WG = 2 halves the K/V traffic per row). Q and dO stay in shared memory
-// (sw128 tiles), the compressed chunks then the window chunks run through one two-stage
-// pipeline. Writes dq (=); the selected path adds its part after.
+// (sw128 tiles), the compressed chunks then the window chunks run through one pipeline (TMA:
+// DQ_KST stages; cp.async: two). Writes dq (=); the selected path adds its part after.
 // stages of the key chunks (TMA; a compile-time tuning knob)
 #ifndef NSA_DQ_KST
 #define NSA_DQ_KST 3
@@ -567,26 +574,23 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
             cp_async16(Os + stg * TE + r * LD + c, so, ok ? 16 : 0);
 #endif
         }
-        if (part == 0) {
-            float l = t >= 0 ? lse3[row * 3 + PATH] : -INFINITY;
-            float4 m;
-            m.x = __int_as_float(l == -INFINITY ? -1 : t); // no key on this path: no gradient
-            m.y = l == -INFINITY ? 0.0f : l * LOG2E;
-            m.z = t >= 0 ? gates[row * 3 + PATH] : 0.0f;
-            m.w = t >= 0 ? Dp[row * 3 + PATH] : 0.0f;
-            meta_s[stg * MB + r] = m;
-        }
+        if (part == 0)
+            meta_s[stg * MB + r] =
+                t >= 0 ? dkv_row_meta(t, lse3[row * 3 + PATH], gates[row * 3 + PATH],
+                                      Dp[row * 3 + PATH])
+                       : dkv_row_meta(-1, 0.0f, 0.0f, 0.0f);
     };
     // (TMA) tile j's rows into stage j % ST by warp 0: q and dO boxes, metadata by bulk
     // copies. Compressed and window rows are whole positions from t0 (rg_begin % hpg == 0);
     // the selected path's positions come from the list, one box each, and the slots past
     // the list read position T (zeros).
     auto issue = [&](int j) {
-        int stg = j % ST, ppt = MB / s.hpg; // positions a tile
+        int stg = j % ST, pos_per_tile = MB / s.hpg; // positions a tile
         long long rg0 = rg_begin + (long long)j * MB;
-        unsigned char *qd = (unsigned char *)(Qs + stg * TE), *od = (unsigned char *)(Os + stg * TE);
-        float4 *md = meta_s + stg * MB;
-        const float4 *msrc = meta4 + (((size_t)PATH * s.B + b) * s.G + g) * s.T * s.hpg;
+        unsigned char *q_dst = (unsigned char *)(Qs + stg * TE);
+        unsigned char *o_dst = (unsigned char *)(Os + stg * TE);
+        float4 *meta_dst = meta_s + stg * MB;
+        const float4 *meta_src = meta4 + (((size_t)PATH * s.B + b) * s.G + g) * s.T * s.hpg;
         uint64_t *bar = &full[stg];
         if (PATH != PATH_SLC) {
             if (lane == 0) {
@@ -595,28 +599,28 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
                 mbar_expect_tx(bar, 2 * TE * (unsigned)sizeof(bf16) + nrows * 16);
 #pragma unroll
                 for (int p = 0; p < DP / 64; p++) {
-                    tma_load_5d(qd + p * NB * 128, &tm.q, p * 64, 0, g, t, b, bar);
-                    tma_load_5d(od + p * NB * 128, &tm.o, p * 64, 0, g, t, b, bar);
+                    tma_load_5d(q_dst + p * NB * 128, &tm.q, p * 64, 0, g, t, b, bar);
+                    tma_load_5d(o_dst + p * NB * 128, &tm.o, p * 64, 0, g, t, b, bar);
                 }
-                bulk_load(md, msrc + (size_t)t * s.hpg, nrows * 16, bar);
+                bulk_load(meta_dst, meta_src + (size_t)t * s.hpg, nrows * 16, bar);
             }
         } else {
             int qi0 = (int)(rg0 / s.hpg), npos = (int)(rg_end / s.hpg);
-            int nvalid = max(0, min(ppt, npos - qi0));
+            int nvalid = max(0, min(pos_per_tile, npos - qi0));
             if (lane == 0)
                 mbar_expect_tx(bar, 2 * TE * (unsigned)sizeof(bf16) +
                                         (unsigned)(nvalid * s.hpg * 16));
             __syncwarp();
-            for (int slot = lane; slot < ppt; slot += 32) {
+            for (int slot = lane; slot < pos_per_tile; slot += 32) {
                 int t = slot < nvalid ? list[qi0 + slot] : s.T;
                 unsigned off = (unsigned)(slot * s.hpg * 128);
 #pragma unroll
                 for (int p = 0; p < DP / 64; p++) {
-                    tma_load_5d(qd + p * NB * 128 + off, &tm.q, p * 64, 0, g, t, b, bar);
-                    tma_load_5d(od + p * NB * 128 + off, &tm.o, p * 64, 0, g, t, b, bar);
+                    tma_load_5d(q_dst + p * NB * 128 + off, &tm.q, p * 64, 0, g, t, b, bar);
+                    tma_load_5d(o_dst + p * NB * 128 + off, &tm.o, p * 64, 0, g, t, b, bar);
                 }
                 if (slot < nvalid)
-                    bulk_load(md + slot * s.hpg, msrc + (size_t)t * s.hpg,
+                    bulk_load(meta_dst + slot * s.hpg, meta_src + (size_t)t * s.hpg,
                               (unsigned)(s.hpg * 16), bar);
             }
         }
@@ -828,15 +832,18 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
     dkv_grid kg = {}, kg2 = {};
     NSA_TRY(dkv_grid_of(s, NB, 64 * MB, &kg));
     NSA_TRY(dkv_grid_of(s, 2 * NB, 64 * MB, &kg2));
-    int tma = meta4 != NULL;
-    // the selected path's rows by TMA when a position's box is at least 1 KB (H/G >= 8; with
-    // fewer heads the copies are too small: H = G = 64 at 16k, 25 -> 32 ms)
+    int tma = meta4 != NULL && kg2.split_rows % s.hpg == 0; // (pieces of whole positions)
+    // the selected path's rows by TMA when a position's box is at least 1 KB (H/G >= 8: each
+    // box then also lands on a 1024-byte boundary of the sw128 tile, as the swizzle pattern
+    // needs; with fewer heads the copies are too small anyway: H = G = 64 at 16k, 25 -> 32 ms)
     int tma_slc = tma && s.hpg >= 8;
     dkv_maps tm{}, tm1{}; // boxes of a tile's positions, of one position (zeros when unused)
     if (tma) {
         NSA_TRY(nsa__cuda_tensor_map_rows(ctx, &tm.q, q, s.B, s.T, s.G, s.hpg, s.d, MB / s.hpg));
         NSA_TRY(nsa__cuda_tensor_map_rows(ctx, &tm.o, dO16, s.B, s.T, s.G, s.hpg, s.d,
                                           MB / s.hpg));
+    }
+    if (tma_slc) {
         NSA_TRY(nsa__cuda_tensor_map_rows(ctx, &tm1.q, q, s.B, s.T, s.G, s.hpg, s.d, 1));
         NSA_TRY(nsa__cuda_tensor_map_rows(ctx, &tm1.o, dO16, s.B, s.T, s.G, s.hpg, s.d, 1));
     }

@@ -417,10 +417,13 @@ static nsa_status encode_bf16(nsa_context *ctx, CUtensorMap *map, const void *X,
                         CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS) {
-        char shape[96] = "", *at = shape;
-        for (int i = rank - 1; i >= 0; i--)
-            at += snprintf(at, (size_t)(shape + sizeof shape - at), "%s%llu", i < rank - 1 ? ", " : "",
-                           (unsigned long long)dims[i]);
+        char shape[128] = "";
+        size_t used = 0;
+        for (int i = rank - 1; i >= 0 && used < sizeof shape; i--) {
+            int n = snprintf(shape + used, sizeof shape - used, "%s%llu", i < rank - 1 ? ", " : "",
+                             (unsigned long long)dims[i]);
+            used += n > 0 ? (size_t)n : 0;
+        }
         return nsa__error(NSA_ERR_BACKEND,
                           "cuda: cuTensorMapEncodeTiled failed (%d) for a [%s] bf16 tensor", (int)r,
                           shape);

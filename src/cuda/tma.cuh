@@ -8,7 +8,10 @@
  * Tensor maps describe X [B, Tk, G, d] bf16 (K, V, or their compressed tokens) as a 4-D
  * tensor {d, G, Tk, B} with boxes {64, 1, rows, 1}: one box is one 64-column panel of a tile
  * of `rows` keys of one kv head and batch entry. Columns past d and keys past Tk read as
- * zeros (a tile never reaches into the next batch entry's keys). The
+ * zeros (a tile never reaches into the next batch entry's keys). Query-shaped rows (q, dO
+ * [B, T, G * hpg, d]) are 5-D tensors {d, hpg, G, T, B} whose boxes hold whole positions of
+ * one kv head (the key-centric dk/dv kernels' row tiles); 1-D bulk copies move their
+ * per-row metadata. The
  * encoder (cuTensorMapEncodeTiled) is the driver's, found at context creation
  * (cudaGetDriverEntryPointByVersion); without it the kernels keep their cp.async loads.
  */

@@ -208,6 +208,12 @@ static const attn_case cases[] = {
     {"gqa32_d64_wide_positions", 1, 200, 32, 1, 64, 16, 32, 8, 16, 4, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
     // one position a scoring tile with an odd block count (the per-chunk sums' alignment)
     {"gqa64_d64_odd_blocks", 1, 200, 64, 1, 64, 16, 32, 8, 16, 4, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
+    // positions spanning two warps over three scoring chunks (the warps exchange their head
+    // sums through shared memory each chunk)
+    {"gqa32_d64_wide_chunks", 1, 1100, 32, 1, 64, 16, 32, 8, 16, 4, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
+    // H/G = 8 with B, G > 1: the selected path's dk/dv rows by TMA, one box a position, slots
+    // past a list's end read as zeros
+    {"gqa8_d128_tma_rows", 2, 400, 16, 2, 128, 32, 64, 16, 32, 5, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
 };
 
 static void test_bf16_attention(void)
@@ -282,8 +288,12 @@ static void test_bf16_race(void)
     // a small group (H/G = 4): the selected path with key blocks outside
     static const attn_case race4 = {"race_gqa4", 1, 140, 8, 2, 64, 16, 24, 8, 16, 3,
                                     NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0};
+    // H/G = 32 over two scoring chunks (warps exchange head sums through shared memory)
+    static const attn_case race32 = {"race_gqa32", 1, 560, 32, 1, 64, 16, 24, 8, 16, 3,
+                                     NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0};
     bf16_case(&race);
     bf16_case(&race4);
+    bf16_case(&race32);
 }
 
 static void test_bf16_rejects(void)
