@@ -233,7 +233,7 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
     // TMA: chunk i in shared memory (every thread waits on its stage's barrier)
     auto arrived = [&](int i) {
         if (TMA)
-            mbar_wait(&bars[i % ST], (unsigned)(i / ST) & 1u);
+            mbar_wait_use<ST>(bars, i);
     };
     const float sl2 = s.scale * LOG2E;
     fwd_acc<DP> acc;
@@ -279,7 +279,7 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 1)
         // barrier, the others go on)
         if (TMA) {
             if (threadIdx.x == 0 && i > 0 && i + ST - 1 < nch)
-                mbar_wait(&bars[ST + (i - 1) % ST], (unsigned)((i - 1) / ST) & 1u);
+                mbar_wait_use<ST>(bars + ST, i - 1);
             if (next)
                 arrived(i + 1);
         } else {

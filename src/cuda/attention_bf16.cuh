@@ -324,10 +324,10 @@ __device__ __forceinline__ void wg_stream_tma(bf16 *Ks, bf16 *Vs, uint64_t *bars
     for (int i = 0; i < nch; i++) {
         if (threadIdx.x == 0 && i + ST - 1 < nch) { // into the stage chunk i - 1 used
             if (i > 0)
-                mbar_wait(&empty[(i - 1) % ST], (unsigned)((i - 1) / ST) & 1u);
+                mbar_wait_use<ST>(empty, i - 1);
             issue(i + ST - 1);
         }
-        mbar_wait(&full[i % ST], (unsigned)(i / ST) & 1u);
+        mbar_wait_use<ST>(full, i);
         body(i, Ks + (i % ST) * TE, Vs + (i % ST) * TE);
         mbar_arrive(&empty[i % ST]);
     }

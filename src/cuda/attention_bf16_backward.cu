@@ -736,12 +736,12 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
             if (threadIdx.x < 32 && it + ST - 1 < ntiles) {
                 if (it > 0) {
                     if (lane == 0)
-                        mbar_wait(&empty[(it - 1) % ST], (unsigned)((it - 1) / ST) & 1u);
+                        mbar_wait_use<ST>(empty, it - 1);
                     __syncwarp();
                 }
                 issue(it + ST - 1);
             }
-            mbar_wait(&full[stg], (unsigned)(it / ST) & 1u);
+            mbar_wait_use<ST>(full, it);
             step(Qs + stg * TE, Os + stg * TE, meta_s + stg * MB,
                  rg_end - rg_begin - (long long)it * MB);
             mbar_arrive(&empty[stg]); // this thread's reads of the stage are done

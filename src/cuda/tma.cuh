@@ -11,9 +11,9 @@
  * zeros (a tile never reaches into the next batch entry's keys). Query-shaped rows (q, dO
  * [B, T, G * hpg, d]) are 5-D tensors {d, hpg, G, T, B} whose boxes hold whole positions of
  * one kv head (the key-centric dk/dv kernels' row tiles); 1-D bulk copies move their
- * per-row metadata. The
- * encoder (cuTensorMapEncodeTiled) is the driver's, found at context creation
- * (cudaGetDriverEntryPointByVersion); without it the kernels keep their cp.async loads.
+ * per-row metadata. The encoder (cuTensorMapEncodeTiled) is the driver's, found at context
+ * creation (cudaGetDriverEntryPointByVersion); without it the kernels keep their cp.async
+ * loads.
  */
 #ifndef NSA_CUDA_TMA_CUH
 #define NSA_CUDA_TMA_CUH
@@ -91,6 +91,14 @@ static __device__ __forceinline__ void mbar_wait(uint64_t *bar, unsigned parity)
                  "}\n" ::"r"(smem_addr(bar)),
                  "r"(parity)
                  : "memory");
+}
+
+// Waits until use `use` (0, 1, ..) of an ST-stage pipeline's barriers `stages` has completed:
+// use i is stage i % ST's phase i / ST.
+template <int ST>
+static __device__ __forceinline__ void mbar_wait_use(uint64_t *stages, int use)
+{
+    mbar_wait(&stages[use % ST], (unsigned)(use / ST) & 1u);
 }
 
 // Box (c0, c1, c2, c3) of the tensor map (a __grid_constant__ kernel parameter) into dst,
