@@ -831,7 +831,11 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
             NSA_CUDA_LAUNCHED("bf16_score_kernel");
         }
     } else {
-        NSA_TRY((range_path<DP, PATH_WIN>(ctx, s, o_win, lse3, q, k, v)));
+        // phase 1: window and selected; 2: window alone; 3: selected alone
+        if (phase != 3)
+            NSA_TRY((range_path<DP, PATH_WIN>(ctx, s, o_win, lse3, q, k, v)));
+        if (phase == 2)
+            return NSA_OK;
         if (s.hpg % 16 == 0 && !nsa__cuda(ctx)->bf16_slc_union) {
             switch (nsa__cuda(ctx)->bf16_slcw[0]) {
 #define SLCW_CASE(id, keys, st, w, minb)                                                     \
@@ -921,18 +925,36 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
     float *o_slc = o_paths ? o_paths + rows * s.d : NULL;
     float *o_win = o_paths ? o_paths + 2 * rows * s.d : scratch + rows * s.d;
 
-    NSA_TRY(bf16_forward_phase(ctx, s, 0, fused, out, o_cmp, o_slc, o_win, lse3, idx, q, k, v,
-                               kc, vc, gates, NULL));
-    size_t n_idx = rows / s.H * s.G * s.n;
-    if (!score) {
-        NSA_CUDA_TRY(cudaMemcpyAsync(idx, given_idx, n_idx * sizeof(int32_t),
-                                     cudaMemcpyDeviceToDevice, st));
-    } else if (!fused) {
-        float *qf = scratch + n_ocmp + n_lse, *keys = qf + rows * s.d, *kcum = keys + n_keys;
-        NSA_TRY(nsa__cuda_bf16_to_f32(ctx, qf, q, rows * s.d));
-        NSA_TRY(nsa__cuda_bf16_to_f32(ctx, keys, mean_key ? k : kc, n_keys));
-        NSA_TRY(nsa__cuda_attn_select(ctx, s, mean_key, idx, qf, keys, keys, lse3, kcum));
+    // the window path on a second stream beside the compressed path and the selection (its
+    // blocks fill the others' last waves); the selected path, which reads both, after them
+    float *lse_out = lse ? lse3 : NULL;
+    int side = cs->ev[0] != NULL;
+    nsa_status ws = NSA_OK;
+    if (side) {
+        NSA_CUDA_TRY(nsa__cuda_fork(cs, 1));
+        nsa__on_stream on(cs, cs->side[0]);
+        ws = bf16_forward_phase(ctx, s, 2, fused, out, o_cmp, o_slc, o_win, lse_out, idx, q, k, v,
+                                kc, vc, gates, NULL);
     }
-    return bf16_forward_phase(ctx, s, 1, fused, out, o_cmp, o_slc, o_win, lse ? lse3 : NULL, idx,
+    auto compressed_and_selection = [&]() -> nsa_status {
+        NSA_TRY(bf16_forward_phase(ctx, s, 0, fused, out, o_cmp, o_slc, o_win, lse3, idx, q, k,
+                                   v, kc, vc, gates, NULL));
+        size_t n_idx = rows / s.H * s.G * s.n;
+        if (!score) {
+            NSA_CUDA_TRY(cudaMemcpyAsync(idx, given_idx, n_idx * sizeof(int32_t),
+                                         cudaMemcpyDeviceToDevice, st));
+        } else if (!fused) {
+            float *qf = scratch + n_ocmp + n_lse, *keys = qf + rows * s.d, *kcum = keys + n_keys;
+            NSA_TRY(nsa__cuda_bf16_to_f32(ctx, qf, q, rows * s.d));
+            NSA_TRY(nsa__cuda_bf16_to_f32(ctx, keys, mean_key ? k : kc, n_keys));
+            NSA_TRY(nsa__cuda_attn_select(ctx, s, mean_key, idx, qf, keys, keys, lse3, kcum));
+        }
+        return NSA_OK;
+    };
+    nsa_status ms = ws == NSA_OK ? compressed_and_selection() : ws;
+    if (side)
+        ms = nsa__cuda_join(cs, 1, ms);
+    NSA_TRY(ms);
+    return bf16_forward_phase(ctx, s, side ? 3 : 1, fused, out, o_cmp, o_slc, o_win, lse_out, idx,
                               q, k, v, kc, vc, gates, kv_scratch);
 }

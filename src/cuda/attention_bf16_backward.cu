@@ -801,31 +801,38 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
                                    const float *lse, const float *Dp, const float4 *meta4,
                                    int *ws, float *part_dq)
 {
-    cudaStream_t st = nsa__cuda_stream(ctx);
+    nsa__cuda_state *cs = nsa__cuda(ctx);
     long long tiles = ((long long)s.T * s.hpg + MB - 1) / MB;
     size_t bytes = dq_smem_bytes<DP>(s);
     NSA_TRY(allow_smem(ctx, bf16_bwd_dq_kernel<DP>, bytes));
-    int warp_slc = s.hpg % 16 == 0 && !nsa__cuda(ctx)->bf16_slc_union;
-    if (!warp_slc && !part_dq) { // union tiles: all three paths in one kernel
-        bf16_bwd_dq_kernel<DP><<<dim3((unsigned)tiles, s.G, s.B), MMA_THREADS, bytes, st>>>(
-            dq, q, k, v, kc, vc, dO16, gates, lse, Dp, idx, 1, s);
-        NSA_CUDA_LAUNCHED("bf16_bwd_dq_kernel");
-    } else {
-        int wgs = nsa__cuda(ctx)->dq_wg;
+    int warp_slc = s.hpg % 16 == 0 && !cs->bf16_slc_union;
+    // dq of the compressed and window paths (all three by union tiles for small groups)
+    auto dq_dense = [&]() -> nsa_status {
+        if (!warp_slc && !part_dq) {
+            bf16_bwd_dq_kernel<DP><<<dim3((unsigned)tiles, s.G, s.B), MMA_THREADS, bytes,
+                                     nsa__cuda_stream(ctx)>>>(dq, q, k, v, kc, vc, dO16, gates,
+                                                              lse, Dp, idx, 1, s);
+            NSA_CUDA_LAUNCHED("bf16_bwd_dq_kernel");
+            return NSA_OK;
+        }
+        int wgs = cs->dq_wg;
         auto launch = wgs == 3 ? dq_wg<DP, 3> : wgs == 2 ? dq_wg<DP, 2> : dq_wg<DP, 1>;
-        NSA_TRY(launch(ctx, s, dq, q, k, v, kc, vc, dO16, gates, lse, Dp));
-    }
-    if (warp_slc) {
-        switch (nsa__cuda(ctx)->bf16_slcw[1]) {
+        return launch(ctx, s, dq, q, k, v, kc, vc, dO16, gates, lse, Dp);
+    };
+    // dq of the selected path, a warp a position (adds to dq)
+    auto dq_selected = [&]() -> nsa_status {
+        if (!warp_slc)
+            return NSA_OK;
+        switch (cs->bf16_slcw[1]) {
 #define SLCW_CASE(id, keys, st, w, minb)                                                     \
     case id:                                                                                 \
-        NSA_TRY((dq_slc_warp<DP, keys, st, w, minb>(ctx, s, dq, q, k, v, dO16, gates, lse,    \
-                                                    Dp, idx)));                              \
-        break;
+        return dq_slc_warp<DP, keys, st, w, minb>(ctx, s, dq, q, k, v, dO16, gates, lse, Dp, \
+                                                  idx);
             SLCW_CONFIGS(SLCW_CASE)
 #undef SLCW_CASE
         }
-    }
+        return NSA_OK;
+    };
 
     // window and compressed: tiles of 128 keys (two warpgroups); selected: one block. Query
     // rows by TMA when the prep kernel wrote their metadata (meta4: H/G divides 64).
@@ -856,32 +863,71 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
     size_t kv_bytes = tma_slc ? dkv_smem_bytes<DP, 1, DKV_ST(1)>() : dkv_smem_bytes<DP, 1, 2>();
     size_t kv2_bytes = tma ? dkv_smem_bytes<DP, 2, DKV_ST(2)>() : dkv_smem_bytes<DP, 2, 2>();
     NSA_TRY(allow_smem(ctx, kwin, kv2_bytes));
-    kwin<<<kg2.win, 2 * MMA_THREADS, kv2_bytes, st>>>(dk, dv, q, dO16, k, v, gates, lse, Dp,
-                                                      meta4, tm, NULL, NULL, NULL, 0, s);
-    NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<window>");
-
-    if (s.Tc > 0) {
+    NSA_TRY(allow_smem(ctx, kcmp, kv2_bytes));
+    NSA_TRY(allow_smem(ctx, kslc, kv_bytes));
+    // dk, dv of the window path (writes them)
+    auto dkv_window = [&]() -> nsa_status {
+        kwin<<<kg2.win, 2 * MMA_THREADS, kv2_bytes, nsa__cuda_stream(ctx)>>>(
+            dk, dv, q, dO16, k, v, gates, lse, Dp, meta4, tm, NULL, NULL, NULL, 0, s);
+        NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<window>");
+        return NSA_OK;
+    };
+    // dkc, dvc
+    auto dkv_compressed = [&]() -> nsa_status {
+        if (s.Tc <= 0)
+            return NSA_OK;
+        cudaStream_t st = nsa__cuda_stream(ctx);
         size_t nkvc = (size_t)s.B * s.Tc * s.G * s.d;
         NSA_CUDA_TRY(cudaMemsetAsync(dkc, 0, nkvc * sizeof(float), st));
         NSA_CUDA_TRY(cudaMemsetAsync(dvc, 0, nkvc * sizeof(float), st));
-        NSA_TRY(allow_smem(ctx, kcmp, kv2_bytes));
         kcmp<<<kg2.cmp, 2 * MMA_THREADS, kv2_bytes, st>>>(dkc, dvc, q, dO16, kc, vc, gates, lse,
                                                           Dp, meta4, tm, NULL, NULL, NULL,
                                                           kg2.split_rows, s);
         NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<compressed>");
-    }
+        return NSA_OK;
+    };
+    // dk, dv of the selected path (adds to them), and for small groups its dq by key blocks
+    auto dkv_selected = [&]() -> nsa_status {
+        sel_index si;
+        NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, ws, kg.split_pos, &si));
+        kslc<<<dim3((unsigned)si.max_items, kg.slc_chunks, 1), MMA_THREADS, kv_bytes,
+               nsa__cuda_stream(ctx)>>>(dk, dv, q, dO16, k, v, gates, lse, Dp, meta4, tm1,
+                                        si.offsets, si.lists, si.item_start, kg.split_pos, s);
+        NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<selected>");
+        if (part_dq) // small groups: dq of the selected path by key blocks (same index)
+            NSA_TRY(nsa__cuda_dq_slc_kv(ctx, s, part_dq, dq, q, k, v, dO16, gates, lse, Dp, idx,
+                                        si, kg.split_pos));
+        return NSA_OK;
+    };
 
-    sel_index si;
-    NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, ws, kg.split_pos, &si));
-    NSA_TRY(allow_smem(ctx, kslc, kv_bytes));
-    kslc<<<dim3((unsigned)si.max_items, kg.slc_chunks, 1), MMA_THREADS, kv_bytes, st>>>(
-        dk, dv, q, dO16, k, v, gates, lse, Dp, meta4, tm1, si.offsets, si.lists, si.item_start,
-        kg.split_pos, s);
-    NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<selected>");
-    if (part_dq) // small groups: dq of the selected path by key blocks (same index)
-        NSA_TRY(nsa__cuda_dq_slc_kv(ctx, s, part_dq, dq, q, k, v, dO16, gates, lse, Dp, idx, si,
-                                    kg.split_pos));
-    return NSA_OK;
+    if (!cs->ev[0] || !warp_slc) {
+        NSA_TRY(dq_dense());
+        NSA_TRY(dq_selected());
+        NSA_TRY(dkv_window());
+        NSA_TRY(dkv_compressed());
+        return dkv_selected();
+    }
+    // two streams, each kernel after the one that last wrote its output: the selected path
+    // on side[0], the others on side[1], so one kernel's last wave overlaps another's first;
+    // the context's stream waits for both
+    cudaStream_t sl = cs->side[0], sc = cs->side[1];
+    NSA_CUDA_TRY(nsa__cuda_fork(cs, 2));
+    nsa_status st = [&]() -> nsa_status {
+        {
+            nsa__on_stream on(cs, sc);
+            NSA_TRY(dkv_window());
+            NSA_CUDA_TRY(cudaEventRecord(cs->ev[1], sc));
+            NSA_TRY(dq_dense());
+            NSA_CUDA_TRY(cudaEventRecord(cs->ev[2], sc));
+            NSA_TRY(dkv_compressed());
+        }
+        nsa__on_stream on(cs, sl);
+        NSA_CUDA_TRY(cudaStreamWaitEvent(sl, cs->ev[1], 0));
+        NSA_TRY(dkv_selected());
+        NSA_CUDA_TRY(cudaStreamWaitEvent(sl, cs->ev[2], 0));
+        return dq_selected();
+    }();
+    return nsa__cuda_join(cs, 2, st);
 }
 
 nsa_status nsa__cuda_attn_backward_bf16(nsa_context *ctx, const nsa__attn_dims *dims,

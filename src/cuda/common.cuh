@@ -51,7 +51,21 @@ typedef struct nsa__cuda_state {
                         // encoder exists (NSA_CUDA_TMA=0: by cp.async)
     int bf16_slc_share; // 1: those kernels load the blocks every position of a thread block
                         // holds once for the block (NSA_CUDA_SLC_SHARE=0 turns it off)
+    cudaStream_t side[2]; // streams beside `stream` for independent kernels of one op, and
+    cudaEvent_t ev[4];    // events to fork and join them (NULL with NSA_CUDA_STREAMS=0)
 } nsa__cuda_state;
+
+// Queue the calls of a scope on another stream: every launch helper takes the context's
+// stream, so a scope that runs part of an op beside the rest swaps it in and back.
+struct nsa__on_stream {
+    nsa__cuda_state *s;
+    cudaStream_t saved;
+    nsa__on_stream(nsa__cuda_state *st, cudaStream_t to) : s(st), saved(st->stream)
+    {
+        s->stream = to;
+    }
+    ~nsa__on_stream() { s->stream = saved; }
+};
 
 static inline nsa__cuda_state *nsa__cuda(nsa_context *ctx)
 {
@@ -108,6 +122,30 @@ static inline nsa_status nsa__cublas_status(cublasStatus_t s, const char *what, 
         if (nsa__e_ != cudaSuccess)                                                     \
             return nsa__cuda_status(nsa__e_, #call, __FILE__, __LINE__);                \
     } while (0)
+
+// Fork: side[0 .. n) start after everything queued on the context's stream so far (ev[0]).
+// Join: the context's stream waits for everything queued on side[0 .. n) (ev[3]); an op
+// that forked joins on every path out, errors included, so no kernel of it outlives it.
+static inline cudaError_t nsa__cuda_fork(nsa__cuda_state *s, int n)
+{
+    cudaError_t e = cudaEventRecord(s->ev[0], s->stream);
+    for (int i = 0; i < n && e == cudaSuccess; i++)
+        e = cudaStreamWaitEvent(s->side[i], s->ev[0], 0);
+    return e;
+}
+
+static inline nsa_status nsa__cuda_join(nsa__cuda_state *s, int n, nsa_status st)
+{
+    cudaError_t e = cudaSuccess;
+    for (int i = 0; i < n && e == cudaSuccess; i++) {
+        e = cudaEventRecord(s->ev[3], s->side[i]);
+        if (e == cudaSuccess)
+            e = cudaStreamWaitEvent(s->stream, s->ev[3], 0);
+    }
+    if (st != NSA_OK)
+        return st;
+    return nsa__cuda_status(e, "cudaEventRecord / cudaStreamWaitEvent (join)", __FILE__, __LINE__);
+}
 
 #define NSA_CUBLAS_TRY(call)                                                            \
     do {                                                                                \

@@ -253,6 +253,13 @@ static void cuda_destroy(nsa_context *ctx)
         (void)cublasDestroy(s->cublas);
     if (s->stream)
         (void)cudaStreamDestroy(s->stream);
+    if (s->side[0])
+        (void)cudaStreamDestroy(s->side[0]);
+    if (s->side[1])
+        (void)cudaStreamDestroy(s->side[1]);
+    for (int i = 0; i < 4; i++)
+        if (s->ev[i])
+            (void)cudaEventDestroy(s->ev[i]);
     free(s);
     ctx->impl = NULL;
 }
@@ -328,6 +335,19 @@ extern "C" nsa_status nsa__cuda_backend_init(nsa_context *ctx, int num_threads)
         err = cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking);
         if (err != cudaSuccess)
             st = nsa__cuda_status(err, "cudaStreamCreate", __FILE__, __LINE__);
+        // two more streams and four events: the bf16 attention queues its independent
+        // kernels on them so one's last wave overlaps another's first (NSA_CUDA_STREAMS=0:
+        // all on the context's stream)
+        const char *ss = getenv("NSA_CUDA_STREAMS");
+        if (st == NSA_OK && !(ss && strcmp(ss, "0") == 0)) {
+            for (int i = 0; i < 2 && err == cudaSuccess; i++)
+                err = cudaStreamCreateWithFlags(&s->side[i], cudaStreamNonBlocking);
+            for (int i = 0; i < 4 && err == cudaSuccess; i++)
+                err = cudaEventCreateWithFlags(&s->ev[i], cudaEventDisableTiming);
+            if (err != cudaSuccess)
+                st = nsa__cuda_status(err, "cudaStreamCreate / cudaEventCreate", __FILE__,
+                                      __LINE__);
+        }
     }
     if (st == NSA_OK) {
         cublasStatus_t cs = cublasCreate(&s->cublas);

@@ -242,7 +242,7 @@ static void test_bf16_attention_mt1(void)
 // common to a thread block's positions loaded per warp; the compressed and window forward
 // with two warpgroups a block and 128-key chunks (both paths, or the compressed one), two
 // warpgroups with key tiles by cp.async instead of TMA, one warpgroup (forward and dq), and
-// the default three with cp.async (every case).
+// the default three with cp.async, every kernel on the context's one stream (every case).
 static void test_bf16_variants(void)
 {
     static const struct {
@@ -257,7 +257,7 @@ static void test_bf16_variants(void)
         {"NSA_CUDA_BF16_WG", "2", "NSA_CUDA_TMA", "0", 0},
         {"NSA_CUDA_BF16_WG", "2", "NSA_CUDA_RANGE_KC", "128,64", 0},
         {"NSA_CUDA_BF16_WG", "1", NULL, NULL, 0},
-        {"NSA_CUDA_TMA", "0", NULL, NULL, 0},
+        {"NSA_CUDA_TMA", "0", "NSA_CUDA_STREAMS", "0", 0},
     };
     nsa_context *keep = gpu;
     for (size_t v = 0; v < sizeof vars / sizeof vars[0]; v++) {
