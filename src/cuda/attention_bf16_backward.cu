@@ -16,7 +16,9 @@
  *                   several blocks meet in one fp32 atomic add per element and block. The
  *                   query rows stream by TMA through full/empty mbarrier stages where
  *                   whole positions fill a tile (cp.async and a block barrier otherwise).
- * With P = exp(S scale - lse) from the forward's lse, so the softmax is not redone.
+ * With P = exp(S scale - lse) from the forward's lse, so the softmax is not redone. With
+ * H/G a multiple of 16 the kernels after the prep run on two more streams of the context,
+ * each after the kernel that last wrote its output (bf16_backward_dp).
  */
 #include "cuda/attention_bf16.cuh"
 
