@@ -13,7 +13,9 @@
  *                streamed once for all of them; a warp skips a block none of its rows chose
  *                and masks rows that did not — and the gated sum.
  * Outputs (out, o_paths, lse) are fp32. Probabilities are rounded to bf16 only as the A
- * operand of P V; the softmax sums and the block scores use the fp32 values.
+ * operand of P V; the softmax sums and the block scores use the fp32 values. The window
+ * path runs on a second stream of the context beside the compressed path and the scoring;
+ * the selected path, which forms the gated sum, waits for both.
  */
 #include "cuda/attention_bf16.cuh"
 #include "cuda/tma.cuh"
