@@ -116,16 +116,16 @@ __global__ void __launch_bounds__(TILE_THREADS, 1)
         }
         __syncthreads();
         int j_end = j0 + cnt - 1;
-        int i_lo = j0 * s.r / s.b, i_hi = (j_end * s.r + s.l - 1) / s.b;
+        int i_lo, i_hi;
+        blocks_of_tokens(s, j0, j_end, i_lo, i_hi);
         int nblk = i_hi - i_lo + 1;
         for (int e = threadIdx.x; e < QT * nblk; e += blockDim.x) {
             int tqi = e / nblk, i = i_lo + e % nblk;
             int tq = tq0 + tqi;
             if (tq >= s.Tq || i >= num_candidates(s, s.q_start + tq))
                 continue;
-            int a = i * s.b - s.l + 1;
-            int jl = max(j0, a <= 0 ? 0 : (a + s.r - 1) / s.r);
-            int jh = min(j_end, ((i + 1) * s.b - 1) / s.r);
+            int jl, jh;
+            tokens_of_block(s, i, j0, j_end, jl, jh);
             float sum = 0.0f;
             for (int hh = 0; hh < s.hpg; hh++)
                 for (int jj = jl; jj <= jh; jj++)

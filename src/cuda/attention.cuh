@@ -64,6 +64,25 @@ static __device__ __forceinline__ int num_candidates(const attn_shape &s, int t)
     return t / s.b + 1;
 }
 
+// Compressed token j covers keys j r .. j r + l - 1, selection block i keys i b .. i b + b - 1.
+// The blocks that tokens j0 .. j_end overlap: i_lo .. i_hi.
+static __device__ __forceinline__ void blocks_of_tokens(const attn_shape &s, int j0, int j_end,
+                                                        int &i_lo, int &i_hi)
+{
+    i_lo = j0 * s.r / s.b;
+    i_hi = (j_end * s.r + s.l - 1) / s.b;
+}
+
+// The tokens among j0 .. j_end that overlap block i (j r <= (i + 1) b - 1 and
+// j r + l - 1 >= i b): jl .. jh, none when jl > jh.
+static __device__ __forceinline__ void tokens_of_block(const attn_shape &s, int i, int j0,
+                                                       int j_end, int &jl, int &jh)
+{
+    int a = i * s.b - s.l + 1;
+    jl = max(j0, a <= 0 ? 0 : (a + s.r - 1) / s.r);
+    jh = min(j_end, ((i + 1) * s.b - 1) / s.r);
+}
+
 static __device__ __forceinline__ float warp_max(float v)
 {
     for (int o = 16; o > 0; o >>= 1)

@@ -559,7 +559,8 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
         // block sums: with hpg <= 16 a warp owns whole positions and sums their blocks
         // alone; wider positions span warps and wait for each other
         int j_end = j0 + cnt - 1;
-        int i_lo = j0 * s.r / s.b, i_hi = (j_end * s.r + s.l - 1) / s.b;
+        int i_lo, i_hi;
+        blocks_of_tokens(s, j0, j_end, i_lo, i_hi);
         int nblk = i_hi - i_lo + 1;
         int p_lo = 0, p_n = QT, e0 = threadIdx.x, step = MMA_THREADS;
         if (s.hpg <= 16) {
@@ -576,10 +577,8 @@ __global__ void __launch_bounds__(MMA_THREADS, 4)
             int tq = tq0 + tqi;
             if (tq >= s.Tq || bi >= num_candidates(s, s.q_start + tq))
                 continue;
-            // tokens j with j*r <= (bi+1)*b - 1 and j*r + l - 1 >= bi*b
-            int a = bi * s.b - s.l + 1;
-            int jl = max(j0, a <= 0 ? 0 : (a + s.r - 1) / s.r);
-            int jh = min(j_end, ((bi + 1) * s.b - 1) / s.r);
+            int jl, jh;
+            tokens_of_block(s, bi, j0, j_end, jl, jh);
             float sum = 0.0f;
             for (int sl = tqi * spp; sl < (tqi + 1) * spp; sl++)
                 for (int jj = jl; jj <= jh; jj++)

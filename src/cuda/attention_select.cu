@@ -96,13 +96,12 @@ __global__ void select_cmpattn_kernel(int32_t *idx, const float *q, const float 
             }
             __syncthreads();
             int j_end = min(j0 + SEL_CHUNK, nc) - 1;
-            int i_lo = j0 * s.r / s.b;
-            int i_hi = min((j_end * s.r + s.l - 1) / s.b, num_cand - 1);
+            int i_lo, i_hi;
+            blocks_of_tokens(s, j0, j_end, i_lo, i_hi);
+            i_hi = min(i_hi, num_cand - 1);
             for (int i = i_lo + (int)threadIdx.x; i <= i_hi; i += blockDim.x) {
-                // tokens j with j*r <= (i+1)*b - 1 and j*r + l - 1 >= i*b
-                int a = i * s.b - s.l + 1;
-                int jl = max(j0, a <= 0 ? 0 : (a + s.r - 1) / s.r);
-                int jh = min(j_end, ((i + 1) * s.b - 1) / s.r);
+                int jl, jh;
+                tokens_of_block(s, i, j0, j_end, jl, jh);
                 float acc = score[i];
                 for (int jj = jl; jj <= jh; jj++)
                     acc += p[jj - j0];
