@@ -1017,6 +1017,11 @@ nsa_status nsa__cuda_dq_slc_kv(nsa_context *ctx, const attn_shape &s, float *par
                                const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dO16,
                                const float *gates, const float *lse3, const float *Dp,
                                const int32_t *idx, const sel_index &si, int split_pos);
-
+// dq += the dq partials [rows, n, d] (bf16, or fp32 when fp32) of the selected path (the
+// dk/dv kernel writes them for H/G a multiple of 16 on sm_90a), each row's used slots in
+// order; rows whose lse3 slot 1 is -inf (no key seen, no partial written) are skipped.
+nsa_status nsa__cuda_dq_slc_add(nsa_context *ctx, const attn_shape &s, float *dq,
+                                const void *part_dq, int fp32, const int32_t *idx,
+                                const float *lse3);
 
 #endif // NSA_CUDA_ATTENTION_BF16_CUH

@@ -481,10 +481,13 @@ static nsa_status dq_slc_warp(nsa_context *ctx, const attn_shape &s, float *dq, 
 #endif
 #define DKV_ST(WG) ((WG) == 2 ? NSA_DKV_ST2 : 2)
 
-template <int DP, int WG, int ST> static size_t dkv_smem_bytes()
+// (dqp: the sm_90a kernel with dq partials, whose tiles are unpadded sw128 ones, and the dS
+// tile after them: two blocks still fit a SM)
+template <int DP, int WG, int ST> static size_t dkv_smem_bytes(bool dqp = false)
 {
-    return (2 * WG + 2 * ST) * mcfg<DP>::TILE + ST * MB * sizeof(float4) +
-           2 * ST * sizeof(uint64_t) + SMEM_ALIGN;
+    size_t tile = dqp ? (size_t)NB * DP * sizeof(bf16) : mcfg<DP>::TILE;
+    return (2 * WG + 2 * ST) * tile + (dqp ? NB * NB * sizeof(bf16) : 0) +
+           ST * MB * sizeof(float4) + 2 * ST * sizeof(uint64_t) + SMEM_ALIGN;
 }
 
 // The tensor maps of the key-centric kernels' query rows (TMA): q and dO as 5-D row tensors
@@ -506,22 +509,32 @@ struct dkv_maps {
 // the warpgroups are not held in step, so one's exponentials can run under the other's
 // products. Otherwise all threads copy rows by cp.async through two stages, a block barrier
 // a tile.
-template <int DP, int PATH, int WG, int ST, bool TMA>
+//
+// DQP (the selected path, sm_90a, TMA, one block a work item): the tile's dq as well, one
+// partial a (row, block), dq_part = scale dS K in bf16 (DQP 1) or fp32 (2) at part_dq
+// [rows, n, d] (slot = the block's place in the row's selection), summed into dq after
+// (bf16_dq_slc_add_kernel).
+// dS goes through shared memory as a [row][key] tile (the A operand; the accumulators hold
+// dS^T), K is the B operand as it is (keys x d, N contiguous). This replaces the
+// query-centric dq pass, which reads each position's blocks of K and V again.
+template <int DP, int PATH, int WG, int ST, bool TMA, int DQP = 0>
 __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
     bf16_bwd_dkv_kernel(float *dK, float *dV, const bf16 *q, const bf16 *dO16, const bf16 *K,
                         const bf16 *V, const float *gates, const float *lse3, const float *Dp,
                         const float4 *meta4, const __grid_constant__ dkv_maps tm,
                         const int *list_offsets, const int *lists, const int *item_start,
-                        int split, attn_shape s)
+                        int split, void *part_dq, const int32_t *idx, attn_shape s)
 {
+    static_assert(!DQP || (PATH == PATH_SLC && WG == 1 && TMA), "dq partials: selected, TMA");
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int LD = mcfg<DP>::LD;
     // one 64-row tile: padded rows, or a sw128 tile (no padding)
     const int TE = NSA_WGMMA ? NB * DP : NB * LD;
     bf16 *Ks = (bf16 *)smem_aligned(smem_raw), *Vs = Ks + WG * TE, *Qs = Vs + WG * TE;
     bf16 *Os = Qs + ST * TE;
+    bf16 *dSs = Os + ST * TE; // (DQP) dS of a tile as [row][key], sw128
     // per query row of each stage: {position (-1: no gradient), lse * log2(e), gate, D}
-    float4 *meta_s = (float4 *)(Os + ST * TE);
+    float4 *meta_s = (float4 *)(dSs + (DQP ? NB * NB : 0));
     uint64_t *full = (uint64_t *)(meta_s + ST * MB), *empty = full + ST; // (TMA)
     int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
     int wg = warpgroup_index(), wtid = threadIdx.x % MMA_THREADS;
@@ -645,6 +658,66 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
     }
     int ntiles = (int)((rg_end - rg_begin + MB - 1) / MB);
 
+#if NSA_WGMMA
+    // (DQP) the tile's dq partials from dS in dSs: dq_part = scale dS K, 64 columns at a time
+    auto dq_partials = [&](const float4 *ms, long long nrows) {
+        __syncthreads(); // dSs complete
+        int blk = key0 / s.b;
+        // the block's slot in the selection of the position of rows warp 16 + 8 i (H/G >= 8:
+        // eight rows, one position) and that position's first row
+        int slot[2];
+        size_t rowp[2];
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            int r = warp * 16 + 8 * i;
+            // (-1: past the list, or no key on the path: lse -inf for every head of the
+            // position, whose rows the add kernel skips)
+            int t = r < nrows ? __float_as_int(ms[r].x) : -1;
+            slot[i] = -1;
+            rowp[i] = ((size_t)b * s.T + (t < 0 ? 0 : t)) * s.H + (size_t)g * s.hpg + r % s.hpg;
+            if (t < 0)
+                continue;
+            const int32_t *sel = idx + (((size_t)b * s.T + t) * s.G + g) * s.n;
+            for (int i0 = 0; i0 < s.n && slot[i] < 0; i0 += 32) {
+                unsigned hit =
+                    __ballot_sync(0xffffffffu, i0 + lane < s.n && sel[i0 + lane] == blk);
+                if (hit)
+                    slot[i] = i0 + __ffs(hit) - 1;
+            }
+        }
+#pragma unroll
+        for (int half = 0; half < DP / 64; half++) {
+            float acc[8][4];
+            wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < NB / 16; ks++)
+                wgmma_ss_n64<1>(acc, desc_k(dSs, NB, ks), desc_mn(Ks + half * NB * 64, NB, ks),
+                                ks > 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            wgmma_hold(acc);
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                if (slot[i] < 0)
+                    continue;
+                size_t at = ((rowp[i] + gq) * s.n + slot[i]) * s.d;
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++) {
+                    int col = half * 64 + nt * 8 + 2 * c4;
+                    float x0 = acc[nt][2 * i] * s.scale, x1 = acc[nt][2 * i + 1] * s.scale;
+                    if (col >= s.d)
+                        continue;
+                    if (DQP == 1)
+                        *reinterpret_cast<__nv_bfloat162 *>((bf16 *)part_dq + at + col) =
+                            __floats2bfloat162_rn(x0, x1);
+                    else
+                        *reinterpret_cast<float2 *>((float *)part_dq + at + col) =
+                            make_float2(x0, x1);
+                }
+            }
+        }
+    };
+#endif
     // One tile of 64 rows (the first `nrows` of it real) at Qt / Ot with metadata ms.
     auto step = [&](const bf16 *Qt, const bf16 *Ot, const float4 *ms, long long nrows) {
         float st[8][4], dpt[8][4];
@@ -698,6 +771,19 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
         grads();
         // dV += (gate P)^T dO, dK += dS^T Q: each batch's A fragments packed before its fence,
         // and left alone until the wait
+        if constexpr (DQP) {
+            __syncthreads(); // every warp's dq products of the last tile are done with dSs
+            // dS^T (thread: keys warp 16 + gq + 8 i, rows nt 8 + 2 c4 + h) into dSs [row][key]
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int key = warp * 16 + gq + 8 * (e >> 1), rr = nt * 8 + 2 * c4 + (e & 1);
+                    *(bf16 *)((unsigned char *)dSs + sw128_off(NB, rr, key)) =
+                        __float2bfloat16(dpt[nt][e]);
+                }
+            fence_async_smem();
+        }
         uint32_t av[4][4], ak[4][4];
 #pragma unroll
         for (int j = 0; j < 4; j++)
@@ -710,7 +796,10 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
         wgmma_wait<0>();
         wgmma_hold(dv);
         wgmma_hold(dk);
+        if constexpr (DQP)
+            dq_partials(ms, nrows);
 #else
+        // (DQP runs only where the host's probe found this sm_90a code: cuda_backend.cu)
         mma_rows_keys_sa<DP>(st, Ks, warp * 16, Qt, lane);  // S^T: keys x rows
         mma_rows_keys_sa<DP>(dpt, Vs, warp * 16, Ot, lane); // dP^T
         probs();
@@ -801,7 +890,7 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
                                    const bf16 *k, const bf16 *v, const bf16 *kc, const bf16 *vc,
                                    const bf16 *dO16, const float *gates, const int32_t *idx,
                                    const float *lse, const float *Dp, const float4 *meta4,
-                                   int *ws, float *part_dq)
+                                   int *ws, float *part_dq, void *dq_parts)
 {
     nsa__cuda_state *cs = nsa__cuda(ctx);
     long long tiles = ((long long)s.T * s.hpg + MB - 1) / MB;
@@ -821,10 +910,13 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
         auto launch = wgs == 3 ? dq_wg<DP, 3> : wgs == 2 ? dq_wg<DP, 2> : dq_wg<DP, 1>;
         return launch(ctx, s, dq, q, k, v, kc, vc, dO16, gates, lse, Dp);
     };
-    // dq of the selected path, a warp a position (adds to dq)
+    // dq of the selected path, a warp a position, or the sum of the partials the selected
+    // dk/dv kernel wrote (adds to dq)
     auto dq_selected = [&]() -> nsa_status {
         if (!warp_slc)
             return NSA_OK;
+        if (dq_parts)
+            return nsa__cuda_dq_slc_add(ctx, s, dq, dq_parts, cs->dq_fused == 2, idx, lse);
         switch (cs->bf16_slcw[1]) {
 #define SLCW_CASE(id, keys, st, w, minb)                                                     \
     case id:                                                                                 \
@@ -846,6 +938,8 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
     // box then also lands on a 1024-byte boundary of the sw128 tile, as the swizzle pattern
     // needs; with fewer heads the copies are too small anyway: H = G = 64 at 16k, 25 -> 32 ms)
     int tma_slc = tma && s.hpg >= 8;
+    if (!tma_slc || kg.slc_chunks != 1 || !warp_slc)
+        dq_parts = NULL; // (the caller checks the same)
     dkv_maps tm{}, tm1{}; // boxes of a tile's positions, of one position (zeros when unused)
     if (tma) {
         NSA_TRY(nsa__cuda_tensor_map_rows(ctx, &tm.q, q, s.B, s.T, s.G, s.hpg, s.d, MB / s.hpg));
@@ -860,9 +954,13 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
                     : bf16_bwd_dkv_kernel<DP, PATH_WIN, 2, 2, false>;
     auto kcmp = tma ? bf16_bwd_dkv_kernel<DP, PATH_CMP, 2, DKV_ST(2), true>
                     : bf16_bwd_dkv_kernel<DP, PATH_CMP, 2, 2, false>;
-    auto kslc = tma_slc ? bf16_bwd_dkv_kernel<DP, PATH_SLC, 1, DKV_ST(1), true>
-                    : bf16_bwd_dkv_kernel<DP, PATH_SLC, 1, 2, false>;
-    size_t kv_bytes = tma_slc ? dkv_smem_bytes<DP, 1, DKV_ST(1)>() : dkv_smem_bytes<DP, 1, 2>();
+    int dqp = dq_parts ? cs->dq_fused : 0; // 1: bf16 dq partials, 2: fp32
+    auto kslc = dqp == 2  ? bf16_bwd_dkv_kernel<DP, PATH_SLC, 1, DKV_ST(1), true, 2>
+                : dqp     ? bf16_bwd_dkv_kernel<DP, PATH_SLC, 1, DKV_ST(1), true, 1>
+                : tma_slc ? bf16_bwd_dkv_kernel<DP, PATH_SLC, 1, DKV_ST(1), true>
+                          : bf16_bwd_dkv_kernel<DP, PATH_SLC, 1, 2, false>;
+    size_t kv_bytes = tma_slc ? dkv_smem_bytes<DP, 1, DKV_ST(1)>(dq_parts != NULL)
+                              : dkv_smem_bytes<DP, 1, 2>();
     size_t kv2_bytes = tma ? dkv_smem_bytes<DP, 2, DKV_ST(2)>() : dkv_smem_bytes<DP, 2, 2>();
     NSA_TRY(allow_smem(ctx, kwin, kv2_bytes));
     NSA_TRY(allow_smem(ctx, kcmp, kv2_bytes));
@@ -870,7 +968,7 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
     // dk, dv of the window path (writes them)
     auto dkv_window = [&]() -> nsa_status {
         kwin<<<kg2.win, 2 * MMA_THREADS, kv2_bytes, nsa__cuda_stream(ctx)>>>(
-            dk, dv, q, dO16, k, v, gates, lse, Dp, meta4, tm, NULL, NULL, NULL, 0, s);
+            dk, dv, q, dO16, k, v, gates, lse, Dp, meta4, tm, NULL, NULL, NULL, 0, NULL, NULL, s);
         NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<window>");
         return NSA_OK;
     };
@@ -884,7 +982,7 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
         NSA_CUDA_TRY(cudaMemsetAsync(dvc, 0, nkvc * sizeof(float), st));
         kcmp<<<kg2.cmp, 2 * MMA_THREADS, kv2_bytes, st>>>(dkc, dvc, q, dO16, kc, vc, gates, lse,
                                                           Dp, meta4, tm, NULL, NULL, NULL,
-                                                          kg2.split_rows, s);
+                                                          kg2.split_rows, NULL, NULL, s);
         NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<compressed>");
         return NSA_OK;
     };
@@ -894,7 +992,8 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
         NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, ws, kg.split_pos, &si));
         kslc<<<dim3((unsigned)si.max_items, kg.slc_chunks, 1), MMA_THREADS, kv_bytes,
                nsa__cuda_stream(ctx)>>>(dk, dv, q, dO16, k, v, gates, lse, Dp, meta4, tm1,
-                                        si.offsets, si.lists, si.item_start, kg.split_pos, s);
+                                        si.offsets, si.lists, si.item_start, kg.split_pos,
+                                        dq_parts, idx, s);
         NSA_CUDA_LAUNCHED("bf16_bwd_dkv_kernel<selected>");
         if (part_dq) // small groups: dq of the selected path by key blocks (same index)
             NSA_TRY(nsa__cuda_dq_slc_kv(ctx, s, part_dq, dq, q, k, v, dO16, gates, lse, Dp, idx,
@@ -904,10 +1003,12 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
 
     if (!cs->ev[0] || !warp_slc) {
         NSA_TRY(dq_dense());
-        NSA_TRY(dq_selected());
+        if (!dq_parts)
+            NSA_TRY(dq_selected());
         NSA_TRY(dkv_window());
         NSA_TRY(dkv_compressed());
-        return dkv_selected();
+        NSA_TRY(dkv_selected());
+        return dq_parts ? dq_selected() : NSA_OK; // the sum of the partials dkv_selected wrote
     }
     // two streams, each kernel after the one that last wrote its output: the selected path
     // on side[0], the others on side[1], so one kernel's last wave overlaps another's first;
@@ -960,17 +1061,28 @@ nsa_status nsa__cuda_attn_backward_bf16(nsa_context *ctx, const nsa__attn_dims *
     // small groups (H/G <= 4): dq of the selected path by key blocks when its partials fit in
     // half the free device memory (as the forward), else union tiles. H100, T = 16384: H/G =
     // 1, 2, 4 gain 1.33x, 1.19x, 1.06x; at H/G = 8 union tiles were faster (14.5 vs 16.1 ms).
+    nsa__cuda_state *cs = nsa__cuda(ctx);
     size_t part_bytes = 0;
-    if (s.hpg <= 4 && !nsa__cuda(ctx)->bf16_slc_union)
+    if (s.hpg <= 4 && !cs->bf16_slc_union)
         part_bytes = bytes_if_half_free(nsa__cuda_dq_slc_kv_scratch_bytes(s));
     // the key-centric kernels stream query rows by TMA (metadata in meta4) when whole
     // positions fill their 64-row tiles (the sm_90 build's kernels keep cp.async)
-    int meta = nsa__cuda(ctx)->use_tma && s.hpg <= MB && MB % s.hpg == 0;
+    int meta = cs->use_tma && s.hpg <= MB && MB % s.hpg == 0;
+    // H/G a multiple of 16 on sm_90a, NSA_CUDA_DQ_FUSED=1 (bf16) or 2 (fp32): the selected
+    // dk/dv kernel also writes the path's dq, one partial a (row, block), when they fit in
+    // half the free device memory and a block is one key tile; otherwise (and by default,
+    // until it has been checked and timed on a GPU) the query-centric dq kernel
+    size_t parts_bytes = 0;
+    if (meta && cs->sm90a && cs->dq_fused && s.hpg % 16 == 0 && s.b <= NB &&
+        !cs->bf16_slc_union)
+        parts_bytes = bytes_if_half_free(rows * s.n * s.d *
+                                          (cs->dq_fused == 2 ? sizeof(float) : sizeof(bf16)));
     // scratch: dout as bf16, D [rows, 3], the selection index, the dq partials, meta4
     size_t o16_bytes = ((rows * s.d * sizeof(bf16) + 255) / 256) * 256;
     size_t ws_bytes = (((rows * 3 * sizeof(float) + nsa__cuda_sel_ws_ints(s) * sizeof(int)) + 255) /
                        256) * 256;
-    size_t part_at = o16_bytes + ws_bytes, meta_at = part_at + (part_bytes + 255) / 256 * 256;
+    size_t part_at = o16_bytes + ws_bytes, parts_at = part_at + (part_bytes + 255) / 256 * 256;
+    size_t meta_at = parts_at + (parts_bytes + 255) / 256 * 256;
     size_t meta_bytes = meta ? 3 * rows * sizeof(float4) : 0;
     void *mem;
     NSA_TRY(nsa__cuda_scratch(ctx, meta_at + meta_bytes, &mem));
@@ -978,6 +1090,7 @@ nsa_status nsa__cuda_attn_backward_bf16(nsa_context *ctx, const nsa__attn_dims *
     float *Dp = (float *)((char *)mem + o16_bytes);
     int *ws = (int *)(Dp + rows * 3);
     float *part_dq = part_bytes ? (float *)((char *)mem + part_at) : NULL;
+    void *dq_parts = parts_bytes ? (void *)((char *)mem + parts_at) : NULL;
     float4 *meta4 = meta ? (float4 *)((char *)mem + meta_at) : NULL;
     cudaStream_t st = nsa__cuda_stream(ctx);
     bf16_bwd_prep_kernel<<<nsa__cuda_blocks(rows * 32, 256), 256, 0, st>>>(
@@ -985,9 +1098,9 @@ nsa_status nsa__cuda_attn_backward_bf16(nsa_context *ctx, const nsa__attn_dims *
     NSA_CUDA_LAUNCHED("bf16_bwd_prep_kernel");
     if (s.d <= 64)
         return bf16_backward_dp<64>(ctx, s, dq, dk, dv, dkc, dvc, q, k, v, kc, vc, dO16, gates,
-                                    idx, lse, Dp, meta4, ws, part_dq);
+                                    idx, lse, Dp, meta4, ws, part_dq, dq_parts);
     return bf16_backward_dp<128>(ctx, s, dq, dk, dv, dkc, dvc, q, k, v, kc, vc, dO16, gates, idx,
-                                 lse, Dp, meta4, ws, part_dq);
+                                 lse, Dp, meta4, ws, part_dq, dq_parts);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@
  *                               block's place in the row's selection)
  *   bf16_slc_combine_kernel:    o_slc, lse slot 1, out = g0 o_cmp + g1 o_slc + g2 o_win
  *   bf16_bwd_dq_slc_kv_kernel:  dq partials [rows, n, d] from the forward's lse (slot 1)
- *   bf16_dq_slc_add_kernel:     dq += the sum of each row's partials
+ *   bf16_dq_slc_add_kernel:     dq += the sum of each row's partials (fp32; bf16 from the
+ *                               selected dk/dv kernel for H/G a multiple of 16)
  */
 #include "cuda/attention_bf16.cuh"
 
@@ -248,9 +249,26 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
     }
 }
 
-// One warp per row: dq += the row's partials over its used slots (4 columns a lane).
-__global__ void bf16_dq_slc_add_kernel(float *dq, const float *part_dq, const int32_t *idx,
-                                       attn_shape s)
+// Four columns c .. c + 3 of a partial, fp32 or bf16.
+static __device__ __forceinline__ float4 part4(const float *p)
+{
+    return *reinterpret_cast<const float4 *>(p);
+}
+static __device__ __forceinline__ float4 part4(const bf16 *p)
+{
+    uint2 u = *reinterpret_cast<const uint2 *>(p);
+    float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
+    float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
+    return make_float4(a.x, a.y, b.x, b.y);
+}
+
+// One warp per row: dq += the row's partials over its used slots (4 columns a lane), in slot
+// order. P: float (this file's kernel) or bf16 (the selected dk/dv kernel's, H/G a multiple
+// of 16). With lse3, rows whose selected path saw no key (lse -inf: the dk/dv kernel skips
+// them, writing no partial) are left as they are.
+template <class P>
+__global__ void bf16_dq_slc_add_kernel(float *dq, const P *part_dq, const int32_t *idx,
+                                       const float *lse3, attn_shape s)
 {
     int lane = threadIdx.x % 32;
     size_t rows = (size_t)s.B * s.T * s.H, nwarps = (size_t)gridDim.x * blockDim.x / 32;
@@ -258,12 +276,14 @@ __global__ void bf16_dq_slc_add_kernel(float *dq, const float *part_dq, const in
          row += nwarps) {
         int h = (int)(row % s.H);
         const int32_t *sel = idx + ((row / s.H) * s.G + h / s.hpg) * s.n;
+        if (lse3 && lse3[row * 3 + 1] == -INFINITY)
+            continue;
         for (int c = 4 * lane; c < s.d; c += 128) {
             float4 acc = *reinterpret_cast<const float4 *>(dq + row * s.d + c);
             for (int i = 0; i < s.n; i++) {
                 if (sel[i] < 0)
                     continue;
-                float4 x = *reinterpret_cast<const float4 *>(part_dq + (row * s.n + i) * s.d + c);
+                float4 x = part4(part_dq + (row * s.n + i) * s.d + c);
                 acc.x += x.x;
                 acc.y += x.y;
                 acc.z += x.z;
@@ -272,6 +292,23 @@ __global__ void bf16_dq_slc_add_kernel(float *dq, const float *part_dq, const in
             *reinterpret_cast<float4 *>(dq + row * s.d + c) = acc;
         }
     }
+}
+
+nsa_status nsa__cuda_dq_slc_add(nsa_context *ctx, const attn_shape &s, float *dq,
+                                const void *part_dq, int fp32, const int32_t *idx,
+                                const float *lse3)
+{
+    size_t rows = (size_t)s.B * s.T * s.H;
+    unsigned blocks = nsa__cuda_blocks(rows * 32, 256);
+    cudaStream_t st = nsa__cuda_stream(ctx);
+    if (fp32)
+        bf16_dq_slc_add_kernel<float><<<blocks, 256, 0, st>>>(dq, (const float *)part_dq, idx,
+                                                              lse3, s);
+    else
+        bf16_dq_slc_add_kernel<bf16><<<blocks, 256, 0, st>>>(dq, (const bf16 *)part_dq, idx,
+                                                             lse3, s);
+    NSA_CUDA_LAUNCHED("bf16_dq_slc_add_kernel");
+    return NSA_OK;
 }
 
 size_t nsa__cuda_dq_slc_kv_scratch_bytes(const attn_shape &s)
@@ -293,8 +330,9 @@ static nsa_status dq_slc_kv_dp(nsa_context *ctx, const attn_shape &s, float *par
         split_pos, s);
     NSA_CUDA_LAUNCHED("bf16_bwd_dq_slc_kv_kernel");
     size_t rows = (size_t)s.B * s.T * s.H;
-    bf16_dq_slc_add_kernel<<<nsa__cuda_blocks(rows * 32, 256), 256, 0, st>>>(dq, part_dq, idx, s);
-    NSA_CUDA_LAUNCHED("bf16_dq_slc_add_kernel");
+    bf16_dq_slc_add_kernel<float><<<nsa__cuda_blocks(rows * 32, 256), 256, 0, st>>>(
+        dq, part_dq, idx, NULL, s);
+    NSA_CUDA_LAUNCHED("bf16_dq_slc_add_kernel<float>");
     return NSA_OK;
 }
 

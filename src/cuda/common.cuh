@@ -51,6 +51,10 @@ typedef struct nsa__cuda_state {
                         // encoder exists (NSA_CUDA_TMA=0: by cp.async)
     int bf16_slc_share; // 1: those kernels load the blocks every position of a thread block
                         // holds once for the block (NSA_CUDA_SLC_SHARE=0 turns it off)
+    int sm90a;    // the driver loaded the sm_90a kernels (warpgroup MMA; a probe kernel)
+    int dq_fused; // NSA_CUDA_DQ_FUSED=1: the bf16 selected dk/dv kernel also writes dq
+                  // partials (bf16) where it can, 2: fp32 partials; 0 (default): the
+                  // query-centric dq kernel. Not yet run on a GPU: off until measured.
     cudaStream_t side[2]; // streams beside `stream` for independent kernels of one op, and
     cudaEvent_t ev[4];    // events to fork and join them (NULL with NSA_CUDA_STREAMS=0)
 } nsa__cuda_state;

@@ -10,6 +10,7 @@
  */
 #include "cuda/common.cuh"
 #include "cuda/tma.cuh"
+#include "cuda/wgmma.cuh"
 
 #include <stdlib.h>
 #include <stdio.h>
@@ -295,6 +296,29 @@ static void env_pair(const char *name, int (&v)[2], bool (*ok)(int))
         v[1] = b;
 }
 
+// Which device code the driver loaded for this card: 1 for the sm_90a build (warpgroup MMA,
+// NSA_WGMMA), 0 for another (sm_90, or PTX compiled for a later card).
+__global__ void wgmma_probe_kernel(int *out)
+{
+    *out = NSA_WGMMA;
+}
+
+static cudaError_t wgmma_probe(cudaStream_t st, int *has)
+{
+    int *d = NULL;
+    cudaError_t e = cudaMalloc(&d, sizeof(int));
+    if (e != cudaSuccess)
+        return e;
+    wgmma_probe_kernel<<<1, 1, 0, st>>>(d);
+    e = cudaGetLastError();
+    if (e == cudaSuccess)
+        e = cudaMemcpyAsync(has, d, sizeof(int), cudaMemcpyDeviceToHost, st);
+    if (e == cudaSuccess)
+        e = cudaStreamSynchronize(st);
+    cudaError_t f = cudaFree(d);
+    return e != cudaSuccess ? e : f;
+}
+
 extern "C" nsa_status nsa__cuda_backend_init(nsa_context *ctx, int num_threads)
 {
     if (num_threads < 0)
@@ -404,6 +428,13 @@ extern "C" nsa_status nsa__cuda_backend_init(nsa_context *ctx, int num_threads)
         s->tma_encode = enc;
         const char *tma = getenv("NSA_CUDA_TMA");
         s->use_tma = enc && !(tma && strcmp(tma, "0") == 0);
+        const char *fq = getenv("NSA_CUDA_DQ_FUSED");
+        s->dq_fused = fq && (strcmp(fq, "1") == 0 || strcmp(fq, "2") == 0) ? fq[0] - '0' : 0;
+        if (s->dq_fused) { // (its kernel exists in the sm_90a code only)
+            err = wgmma_probe(s->stream, &s->sm90a);
+            if (err != cudaSuccess)
+                st = nsa__cuda_status(err, "the wgmma probe kernel", __FILE__, __LINE__);
+        }
         const char *share = getenv("NSA_CUDA_SLC_SHARE");
         s->bf16_slc_share = !(share && strcmp(share, "0") == 0);
     }

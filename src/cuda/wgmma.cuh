@@ -124,15 +124,16 @@ template <int NT> static __device__ __forceinline__ void wgmma_hold(float (&d)[N
     "%62, %63}"
 
 // d (64 x 64, fp32) = A B (accumulate = 0) or d += A B: A and B in shared memory
-// (descriptors), both K-major.
+// (descriptors), A K-major, B K-major (TB = 0) or MN-major (N contiguous, TB = 1).
+template <int TB = 0>
 static __device__ __forceinline__ void wgmma_ss_n64(float (&d)[8][4], uint64_t da, uint64_t db,
                                                     int accumulate)
 {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WGMMA_R_N64
-                 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 ", %32, %33, p, 1, 1, 0, %35;\n}\n"
                  : WGMMA_D_N64(d)
-                 : "l"(da), "l"(db), "r"(accumulate));
+                 : "l"(da), "l"(db), "r"(accumulate), "n"(TB));
 }
 
 // d (64 x 128, fp32) = A B (accumulate = 0) or d += A B: A and B in shared memory

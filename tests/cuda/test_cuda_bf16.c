@@ -206,6 +206,9 @@ static const attn_case cases[] = {
     // name                    B  T    H   G  d    b   w    r   l   n  score  fixed  given
     {"gqa16_d128_paper_shape", 1, 1100, 32, 2, 128, 64, 128, 16, 32, 6, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
     {"gqa16_d64_given", 2, 300, 16, 1, 64, 32, 64, 16, 32, 4, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_NONE, 1},
+    // two batch entries and kv heads, a head dim that is not a multiple of 64 (the padded
+    // columns of the 128-wide tiles)
+    {"gqa16_d96_b2_g2", 2, 260, 32, 2, 96, 64, 64, 16, 32, 4, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
     // given blocks under the paper's fixed selection: a position need not hold block 0 or its
     // two most recent blocks, which the warp-per-position kernels load once a thread block
     {"gqa16_d128_given_fixed", 1, 700, 16, 1, 128, 32, 64, 16, 32, 5, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 1},
@@ -252,7 +255,9 @@ static void test_bf16_attention_mt1(void)
 // common to a thread block's positions loaded per warp; the compressed and window forward
 // with two warpgroups a block and 128-key chunks (both paths, or the compressed one), two
 // warpgroups with key tiles by cp.async instead of TMA, one warpgroup (forward and dq), and
-// the default three with cp.async, every kernel on the context's one stream (every case).
+// the default three with cp.async, every kernel on the context's one stream (every case);
+// the selected path's dq as bf16 and as fp32 partials from the dk/dv kernel instead of by
+// the query-centric kernel, the first also on one stream (H/G a multiple of 16).
 static void test_bf16_variants(void)
 {
     static const struct {
@@ -268,6 +273,9 @@ static void test_bf16_variants(void)
         {"NSA_CUDA_BF16_WG", "2", "NSA_CUDA_RANGE_KC", "128,64", 0},
         {"NSA_CUDA_BF16_WG", "1", NULL, NULL, 0},
         {"NSA_CUDA_TMA", "0", "NSA_CUDA_STREAMS", "0", 0},
+        {"NSA_CUDA_DQ_FUSED", "1", NULL, NULL, 1},
+        {"NSA_CUDA_DQ_FUSED", "2", NULL, NULL, 1},
+        {"NSA_CUDA_DQ_FUSED", "1", "NSA_CUDA_STREAMS", "0", 1},
     };
     nsa_context *keep = gpu;
     for (size_t v = 0; v < sizeof vars / sizeof vars[0]; v++) {
