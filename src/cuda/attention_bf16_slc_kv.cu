@@ -329,11 +329,7 @@ static nsa_status dq_slc_kv_dp(nsa_context *ctx, const attn_shape &s, float *par
         part_dq, q, k, v, dO16, gates, lse3, Dp, idx, si.offsets, si.lists, si.item_start,
         split_pos, s);
     NSA_CUDA_LAUNCHED("bf16_bwd_dq_slc_kv_kernel");
-    size_t rows = (size_t)s.B * s.T * s.H;
-    bf16_dq_slc_add_kernel<float><<<nsa__cuda_blocks(rows * 32, 256), 256, 0, st>>>(
-        dq, part_dq, idx, NULL, s);
-    NSA_CUDA_LAUNCHED("bf16_dq_slc_add_kernel<float>");
-    return NSA_OK;
+    return nsa__cuda_dq_slc_add(ctx, s, dq, part_dq, 1, idx, NULL); // (every row written)
 }
 
 nsa_status nsa__cuda_dq_slc_kv(nsa_context *ctx, const attn_shape &s, float *part_dq, float *dq,
