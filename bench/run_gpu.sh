@@ -12,8 +12,12 @@
 #        PROFILE=1 PROFILE_T=16384 PROFILE_KERNELS=regex (kernel times by ncu, of the kernels
 #        matching regex when given), PROFILE_DETAIL=regex (ncu's
 #        throughput, occupancy and stall sections for the bf16 kernels matching regex),
+#        SANITIZE_ENV="NSA_CUDA_SLC_KC=1" (switches set for the compute-sanitizer runs),
+#        SANITIZE_ARGS=--no-variants (memcheck on the default context's cases alone),
 #        AB_VAR=NSA_CUDA_SLCW AB_VALUES="0 1 2" AB_T=65536 (ab: bench_attn_cuda once per value of
-#        the tuning variable, alternating, AB_ROUNDS=2 times)
+#        the tuning variable, alternating, AB_ROUNDS=2 times; AB_T may list lengths,
+#        8192,65536), or AB_SETS="default NSA_CUDA_SLC_KC=1,NSA_CUDA_DQ_FUSED=1" (one run per
+#        set of switches, comma-separated; default: none)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -60,14 +64,14 @@ if [ "$what" = all ] || [ "$what" = test ]; then
     for t in ${SANITIZE-test_cuda test_cuda_bf16}; do
         echo "== compute-sanitizer memcheck ($t)"
         start=$(date +%s)
-        timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 build/cuda/$t \
-            >"$OUT/memcheck_$t.log" 2>&1 || status=1
+        env ${SANITIZE_ENV:-} timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 \
+            build/cuda/$t ${SANITIZE_ARGS:-} >"$OUT/memcheck_$t.log" 2>&1 || status=1
         grep -E "^(FAIL|RESULT)|ERROR SUMMARY|=========" "$OUT/memcheck_$t.log" | head -n 20
         echo "memcheck: $(( $(date +%s) - start )) s"
         echo "== compute-sanitizer racecheck ($t --race)"
         start=$(date +%s)
-        timeout 240 compute-sanitizer --tool racecheck --error-exitcode 3 build/cuda/$t --race \
-            >"$OUT/racecheck_$t.log" 2>&1 || status=1
+        env ${SANITIZE_ENV:-} timeout 240 compute-sanitizer --tool racecheck --error-exitcode 3 \
+            build/cuda/$t --race >"$OUT/racecheck_$t.log" 2>&1 || status=1
         grep -E "^(FAIL|RESULT)|ERROR SUMMARY|=========" "$OUT/racecheck_$t.log" | head -n 20
         echo "racecheck: $(( $(date +%s) - start )) s"
     done
@@ -126,11 +130,19 @@ PY
 fi
 
 if [ "$what" = ab ]; then
-    echo "== A/B: ${AB_VAR:?} in ${AB_VALUES:?}, T=${AB_T:-65536}"
+    sets=${AB_SETS:-}
+    if [ -z "$sets" ]; then
+        for val in ${AB_VALUES:?}; do
+            sets="$sets ${AB_VAR:?}=$val"
+        done
+    fi
+    echo "== A/B:$sets, T=${AB_T:-65536}"
     for round in $(seq "${AB_ROUNDS:-2}"); do
-        for val in $AB_VALUES; do
-            env "$AB_VAR=$val" build/cuda/bench_attn_cuda --seq-lens "${AB_T:-65536}" \
-                --reps "${AB_REPS:-3}" | sed "s/^/$AB_VAR=$val: /" || status=1
+        for set in $sets; do
+            envs=()
+            [ "$set" = default ] || IFS=, read -ra envs <<<"$set"
+            env "${envs[@]}" build/cuda/bench_attn_cuda --seq-lens "${AB_T:-65536}" \
+                --reps "${AB_REPS:-3}" | sed "s/^/$set: /" || status=1
         done
     done
 fi

@@ -838,6 +838,9 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
         if (phase == 2)
             return NSA_OK;
         if (s.hpg % 16 == 0 && !nsa__cuda(ctx)->bf16_slc_union) {
+            if (kv_scratch) // (NSA_CUDA_SLC_KC: key blocks outside)
+                return nsa__cuda_slc_kc_forward(ctx, s, nsa__cuda(ctx)->slc_kc, kv_scratch, out,
+                                                o_slc, lse3, o_cmp, o_win, q, k, v, gates, idx);
             switch (nsa__cuda(ctx)->bf16_slcw[0]) {
 #define SLCW_CASE(id, keys, st, w, minb)                                                     \
     case id:                                                                                 \
@@ -911,6 +914,12 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
     size_t kv_bytes = 0;
     if (s.hpg % 16 != 0 && s.Tq == s.T && s.q_start == 0 && !cs->bf16_slc_union)
         kv_bytes = bytes_if_half_free(nsa__cuda_slc_kv_scratch_bytes(s));
+    // H/G a multiple of 16 with NSA_CUDA_SLC_KC (sm_90a, TMA): key blocks outside as well
+    // (attention_bf16_slc_kc.cu), under the same conditions and where a block is one key
+    // tile and a tile holds whole positions; by default a warp a position
+    if (s.hpg % 16 == 0 && s.hpg <= MB && s.b <= NB && cs->slc_kc && cs->sm90a && cs->use_tma &&
+        s.Tq == s.T && s.q_start == 0 && !cs->bf16_slc_union)
+        kv_bytes = bytes_if_half_free(nsa__cuda_slc_kc_scratch_bytes(s, cs->slc_kc));
     size_t main_bytes = (n_ocmp + n_lse + n_sel) * sizeof(float);
     main_bytes = (main_bytes + 255) / 256 * 256;
     float *scratch = NULL;

@@ -1009,6 +1009,27 @@ nsa_status nsa__cuda_slc_kv_forward(nsa_context *ctx, const attn_shape &s, void 
                                     float *out, float *o_slc, float *lse3, const float *o_cmp,
                                     const float *o_win, const bf16 *q, const bf16 *k,
                                     const bf16 *v, const float *gates, const int32_t *idx);
+// The selected path's partials merged by their lse per row, then lse slot 1 (lse3 may be
+// NULL), o_slc (when not NULL) and out = g0 o_cmp + g1 o_slc + g2 o_win. part_o: bf16, or
+// fp32 when fp32; (row, slot) at row * n + slot, or with by_position at
+// ((b T + t) G + g) n + slot) hpg + hh (part_lse the same, part_o times d). Slots with
+// idx < 0 are never read.
+nsa_status nsa__cuda_slc_combine(nsa_context *ctx, const attn_shape &s, float *out,
+                                 float *o_slc, float *lse3, const float *o_cmp,
+                                 const float *o_win, const float *gates, const void *part_o,
+                                 int fp32, int by_position, const float *part_lse,
+                                 const int32_t *idx);
+// The selected path and the gated sum with key blocks outside for H/G a multiple of 16 (up
+// to 64), sm_90a with TMA, block_size <= 64, training shapes (Tq = T)
+// (attention_bf16_slc_kc.cu; NSA_CUDA_SLC_KC = mode: 1 bf16 partials, 2 fp32, 3 bf16 with
+// two row stages and three blocks a SM). scratch holds nsa__cuda_slc_kc_scratch_bytes(s,
+// mode).
+size_t nsa__cuda_slc_kc_scratch_bytes(const attn_shape &s, int mode);
+nsa_status nsa__cuda_slc_kc_forward(nsa_context *ctx, const attn_shape &s, int mode,
+                                    void *scratch, float *out, float *o_slc, float *lse3,
+                                    const float *o_cmp, const float *o_win, const bf16 *q,
+                                    const bf16 *k, const bf16 *v, const float *gates,
+                                    const int32_t *idx);
 // dq of the selected path for small groups, key blocks outside, added to dq: part_dq holds
 // nsa__cuda_dq_slc_kv_scratch_bytes(s); si the inverted selection index of split_pos
 // positions per work item.

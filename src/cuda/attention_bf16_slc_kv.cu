@@ -129,13 +129,29 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
     }
 }
 
+// Four columns c .. c + 3 of a partial, fp32 or bf16.
+static __device__ __forceinline__ float4 part4(const float *p)
+{
+    return *reinterpret_cast<const float4 *>(p);
+}
+static __device__ __forceinline__ float4 part4(const bf16 *p)
+{
+    uint2 u = *reinterpret_cast<const uint2 *>(p);
+    float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
+    float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
+    return make_float4(a.x, a.y, b.x, b.y);
+}
+
 // One warp per row: the row's partials merged by their lse (slots of unused entries skipped:
 // their partials were never written), then lse slot 1, o_slc (when kept) and the gated sum.
 // Lanes hold the slots' weights (32 slots at a time) and 4 consecutive columns each.
+// Partials P (float or bf16) of (row, slot): at row * n + slot (this file's kernel), or
+// BYPOS at ((b T + t) G + g) n + slot) hpg + hh, a position's heads side by side
+// (attention_bf16_slc_kc.cu); part_lse likewise, o at that index times d.
+template <class P, bool BYPOS>
 __global__ void bf16_slc_combine_kernel(float *out, float *o_slc, float *lse3, const float *o_cmp,
-                                        const float *o_win, const float *gates,
-                                        const float *part_o, const float *part_lse,
-                                        const int32_t *idx, attn_shape s)
+                                        const float *o_win, const float *gates, const P *part_o,
+                                        const float *part_lse, const int32_t *idx, attn_shape s)
 {
     int lane = threadIdx.x % 32;
     size_t rows = (size_t)s.B * s.T * s.H, nwarps = (size_t)gridDim.x * blockDim.x / 32;
@@ -144,17 +160,19 @@ __global__ void bf16_slc_combine_kernel(float *out, float *o_slc, float *lse3, c
         int h = (int)(row % s.H);
         size_t bt = row / s.H; // b * T + t
         const int32_t *sel = idx + (bt * s.G + h / s.hpg) * s.n;
-        const float *pl = part_lse + row * s.n;
+        // partial of slot i: base + i * sstride
+        size_t base = BYPOS ? (bt * s.G + h / s.hpg) * s.n * s.hpg + h % s.hpg : row * s.n;
+        size_t sstride = BYPOS ? (size_t)s.hpg : 1;
         float mx = -INFINITY;
         for (int i = lane; i < s.n; i += 32)
             if (sel[i] >= 0)
-                mx = fmaxf(mx, pl[i]);
+                mx = fmaxf(mx, part_lse[base + i * sstride]);
         mx = warp_max(mx);
         float wsum = 0.0f;
         if (mx > -INFINITY)
             for (int i = lane; i < s.n; i += 32)
                 if (sel[i] >= 0)
-                    wsum += __expf(pl[i] - mx);
+                    wsum += __expf(part_lse[base + i * sstride] - mx);
         wsum = warp_sum(wsum);
         float lse = mx > -INFINITY ? mx + __logf(wsum) : -INFINITY;
         if (lse3 && lane == 0)
@@ -166,13 +184,15 @@ __global__ void bf16_slc_combine_kernel(float *out, float *o_slc, float *lse3, c
             float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             for (int i0 = 0; i0 < s.n; i0 += 32) {
                 int i = i0 + lane;
-                float w = i < s.n && sel[i] >= 0 && lse > -INFINITY ? __expf(pl[i] - lse) : 0.0f;
+                float w = i < s.n && sel[i] >= 0 && lse > -INFINITY
+                              ? __expf(part_lse[base + i * sstride] - lse)
+                              : 0.0f;
                 int cnt = min(32, s.n - i0);
                 for (int j = 0; j < cnt; j++) {
                     float wj = __shfl_sync(0xffffffffu, w, j);
                     if (wj == 0.0f || !on) // unused slot (never written) or no weight
                         continue;
-                    float4 x = *reinterpret_cast<const float4 *>(part_o + (row * s.n + i0 + j) * s.d + c);
+                    float4 x = part4(part_o + (base + (size_t)(i0 + j) * sstride) * s.d + c);
                     acc.x += wj * x.x;
                     acc.y += wj * x.y;
                     acc.z += wj * x.z;
@@ -191,6 +211,31 @@ __global__ void bf16_slc_combine_kernel(float *out, float *o_slc, float *lse3, c
                             g0 * oc.z + g1 * acc.z + g2 * ow.z, g0 * oc.w + g1 * acc.w + g2 * ow.w);
         }
     }
+}
+
+nsa_status nsa__cuda_slc_combine(nsa_context *ctx, const attn_shape &s, float *out,
+                                 float *o_slc, float *lse3, const float *o_cmp,
+                                 const float *o_win, const float *gates, const void *part_o,
+                                 int fp32, int by_position, const float *part_lse,
+                                 const int32_t *idx)
+{
+    size_t rows = (size_t)s.B * s.T * s.H;
+    unsigned blocks = nsa__cuda_blocks(rows * 32, 256);
+    cudaStream_t st = nsa__cuda_stream(ctx);
+#define COMBINE(P, BYPOS)                                                                     \
+    bf16_slc_combine_kernel<P, BYPOS><<<blocks, 256, 0, st>>>(                                  \
+        out, o_slc, lse3, o_cmp, o_win, gates, (const P *)part_o, part_lse, idx, s)
+    if (fp32 && by_position)
+        COMBINE(float, true);
+    else if (fp32)
+        COMBINE(float, false);
+    else if (by_position)
+        COMBINE(bf16, true);
+    else
+        COMBINE(bf16, false);
+#undef COMBINE
+    NSA_CUDA_LAUNCHED("bf16_slc_combine_kernel");
+    return NSA_OK;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -247,19 +292,6 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
                                s.scale, lane, s.d);
         }
     }
-}
-
-// Four columns c .. c + 3 of a partial, fp32 or bf16.
-static __device__ __forceinline__ float4 part4(const float *p)
-{
-    return *reinterpret_cast<const float4 *>(p);
-}
-static __device__ __forceinline__ float4 part4(const bf16 *p)
-{
-    uint2 u = *reinterpret_cast<const uint2 *>(p);
-    float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
-    float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
-    return make_float4(a.x, a.y, b.x, b.y);
 }
 
 // One warp per row: dq += the row's partials over its used slots (4 columns a lane), in slot
@@ -369,10 +401,8 @@ static nsa_status slc_kv_dp(nsa_context *ctx, const attn_shape &s, void *scratch
     bf16_slc_kv_kernel<DP><<<dim3((unsigned)si.max_items, 1, 1), MMA_THREADS, bytes, st>>>(
         part_o, part_lse, q, k, v, idx, si.offsets, si.lists, si.item_start, split_pos, s);
     NSA_CUDA_LAUNCHED("bf16_slc_kv_kernel");
-    bf16_slc_combine_kernel<<<nsa__cuda_blocks(rows * 32, 256), 256, 0, st>>>(
-        out, o_slc, lse3, o_cmp, o_win, gates, part_o, part_lse, idx, s);
-    NSA_CUDA_LAUNCHED("bf16_slc_combine_kernel");
-    return NSA_OK;
+    return nsa__cuda_slc_combine(ctx, s, out, o_slc, lse3, o_cmp, o_win, gates, part_o, 1, 0,
+                                 part_lse, idx);
 }
 
 nsa_status nsa__cuda_slc_kv_forward(nsa_context *ctx, const attn_shape &s, void *scratch,

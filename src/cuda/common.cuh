@@ -55,6 +55,10 @@ typedef struct nsa__cuda_state {
     int dq_fused; // NSA_CUDA_DQ_FUSED=1: the bf16 selected dk/dv kernel also writes dq
                   // partials (bf16) where it can, 2: fp32 partials; 0 (default): the
                   // query-centric dq kernel. Not yet run on a GPU: off until measured.
+    int slc_kc;   // NSA_CUDA_SLC_KC=1: the bf16 selected forward for H/G a multiple of 16 with
+                  // key blocks outside (attention_bf16_slc_kc.cu), bf16 partials; 2: fp32; 3:
+                  // bf16, two row stages and three blocks a SM; 0 (default): a warp a
+                  // position. Not yet run on a GPU: off until measured.
     cudaStream_t side[2]; // streams beside `stream` for independent kernels of one op, and
     cudaEvent_t ev[4];    // events to fork and join them (NULL with NSA_CUDA_STREAMS=0)
 } nsa__cuda_state;

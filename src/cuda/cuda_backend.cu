@@ -430,7 +430,9 @@ extern "C" nsa_status nsa__cuda_backend_init(nsa_context *ctx, int num_threads)
         s->use_tma = enc && !(tma && strcmp(tma, "0") == 0);
         const char *fq = getenv("NSA_CUDA_DQ_FUSED");
         s->dq_fused = fq && (strcmp(fq, "1") == 0 || strcmp(fq, "2") == 0) ? fq[0] - '0' : 0;
-        if (s->dq_fused) { // (its kernel exists in the sm_90a code only)
+        const char *kc = getenv("NSA_CUDA_SLC_KC");
+        s->slc_kc = kc && kc[0] >= '1' && kc[0] <= '3' && kc[1] == 0 ? kc[0] - '0' : 0;
+        if (s->dq_fused || s->slc_kc) { // (their kernels exist in the sm_90a code only)
             err = wgmma_probe(s->stream, &s->sm90a);
             if (err != cudaSuccess)
                 st = nsa__cuda_status(err, "the wgmma probe kernel", __FILE__, __LINE__);

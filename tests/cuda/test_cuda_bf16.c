@@ -257,7 +257,9 @@ static void test_bf16_attention_mt1(void)
 // warpgroups with key tiles by cp.async instead of TMA, one warpgroup (forward and dq), and
 // the default three with cp.async, every kernel on the context's one stream (every case);
 // the selected path's dq as bf16 and as fp32 partials from the dk/dv kernel instead of by
-// the query-centric kernel, the first also on one stream (H/G a multiple of 16).
+// the query-centric kernel, the first also on one stream; the selected forward with key
+// blocks outside (bf16 partials, fp32, bf16 with two row stages on one stream, and bf16
+// with the fused dq) (these H/G a multiple of 16).
 static void test_bf16_variants(void)
 {
     static const struct {
@@ -276,6 +278,10 @@ static void test_bf16_variants(void)
         {"NSA_CUDA_DQ_FUSED", "1", NULL, NULL, 1},
         {"NSA_CUDA_DQ_FUSED", "2", NULL, NULL, 1},
         {"NSA_CUDA_DQ_FUSED", "1", "NSA_CUDA_STREAMS", "0", 1},
+        {"NSA_CUDA_SLC_KC", "1", NULL, NULL, 1},
+        {"NSA_CUDA_SLC_KC", "2", NULL, NULL, 1},
+        {"NSA_CUDA_SLC_KC", "3", "NSA_CUDA_STREAMS", "0", 1},
+        {"NSA_CUDA_SLC_KC", "1", "NSA_CUDA_DQ_FUSED", "1", 1},
     };
     nsa_context *keep = gpu;
     for (size_t v = 0; v < sizeof vars / sizeof vars[0]; v++) {

@@ -1,0 +1,223 @@
+/*
+ * attention_bf16_slc_kc.cu — the selected path of the bf16 forward with key blocks outside
+ * for H/G a multiple of 16 (NSA_CUDA_SLC_KC; sm_90a with TMA).
+ *
+ * The default kernel (attention_bf16.cu, bf16_slc_warp_kernel) runs a warp per (position,
+ * 16 heads) that streams the position's own n blocks of K and V: at the paper's shape 512 KB
+ * of K/V a position and kv head, 137 GB from L2 at T = 64k, which bounds it (21.9 ms on the
+ * H200). Here a thread block takes one selected block and the positions that chose it (the
+ * inverted index nsa__cuda_sel_lists builds, as the dk/dv kernel walks it), holds the
+ * block's K and V in shared memory and streams the positions' query rows through it by TMA,
+ * one box a position, 64 rows (64 / hpg positions) a tile. Per tile: S = Q K^T (warpgroup
+ * MMA), the block's softmax, O = P V, and one partial a (row, block): o normalised within the
+ * block (bf16, or fp32) and its lse. A combine pass (nsa__cuda_slc_combine) merges each row's
+ * n partials by their lse and forms the gated sum. Bytes a (position, kv head, block): 4 KB
+ * of q read, 4 KB of partial written and read again (bf16, H/G = 16, d = 128) instead of
+ * 32 KB of K/V; the partials go through HBM.
+ *
+ * Partial layout [B, T, G, n, hpg, d] (slot = the block's place in the position's
+ * selection): the 16 rows of a warp, one position's heads, are 4 KB side by side.
+ *
+ *   bf16_slc_kc_kernel: part_o, part_lse   (then nsa__cuda_slc_combine: out, o_slc, lse3)
+ */
+#include "cuda/attention_bf16.cuh"
+
+// Shared memory: the block's K and V, ST stages of a 64-row q tile (sw128 tiles), the
+// stages' full/empty barriers.
+template <int DP, int ST> static size_t slc_kc_smem_bytes()
+{
+    return (2 + ST) * (size_t)NB * DP * sizeof(bf16) + 2 * ST * sizeof(uint64_t) + SMEM_ALIGN;
+}
+
+// One work item (dkv_work_of: the block w.key0 / b of kv head g, batch entry b, and up to
+// `split` positions of its list): PT 1 writes bf16 partials, 2 fp32. Warp 0 fills the stages
+// (one 5-D box a position and 64-column panel; slots past the list read position T, zeros)
+// and refills a stage once every thread has arrived on its `empty` barrier, which each
+// thread does as soon as its S = Q K^T is done (P V reads V alone).
+template <int DP, int ST, int MINB, int PT>
+__global__ void __launch_bounds__(MMA_THREADS, MINB)
+    bf16_slc_kc_kernel(void *part_o, float *part_lse, const bf16 *k, const bf16 *v,
+                       const __grid_constant__ CUtensorMap tmq, const int32_t *idx,
+                       const int *list_offsets, const int *lists, const int *item_start,
+                       int split, attn_shape s)
+{
+#if NSA_WGMMA // (the host runs it where its probe found the sm_90a code: cuda_backend.cu)
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int TE = NB * DP;
+    bf16 *Ks = (bf16 *)smem_aligned(smem_raw), *Vs = Ks + TE, *Qs = Vs + TE;
+    uint64_t *full = (uint64_t *)(Qs + ST * TE), *empty = full + ST;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
+
+    dkv_work w;
+    if (!dkv_work_of<PATH_SLC>(w, s, NB, list_offsets, lists, item_start, split))
+        return;
+    const int g = w.g, b = w.b, blk = w.key0 / s.b, cnt = w.key_end - w.key0;
+    const int ppt = MB / s.hpg; // positions a tile (1, 2 or 4)
+    const int npos = (int)(w.rg_end / s.hpg), ntiles = (npos + ppt - 1) / ppt;
+    size_t stride = (size_t)s.G * s.d, kbase = (size_t)b * s.T * stride + (size_t)g * s.d;
+    load_tile_sw<DP>(Ks, k, kbase, stride, w.key0, cnt, s.d);
+    load_tile_sw<DP>(Vs, v, kbase, stride, w.key0, cnt, s.d);
+    cp_async_commit();
+
+    // tile j's positions into stage j % ST (warp 0)
+    auto issue = [&](int j) {
+        int qi0 = j * ppt, nvalid = min(ppt, npos - qi0);
+        unsigned char *dst = (unsigned char *)(Qs + (j % ST) * TE);
+        uint64_t *bar = &full[j % ST];
+        if (lane == 0)
+            mbar_expect_tx(bar, TE * (unsigned)sizeof(bf16));
+        __syncwarp();
+        for (int p = lane; p < ppt; p += 32) {
+            int t = p < nvalid ? w.list[qi0 + p] : s.T;
+            unsigned off = (unsigned)(p * s.hpg * 128);
+#pragma unroll
+            for (int pp = 0; pp < DP / 64; pp++)
+                tma_load_5d(dst + pp * NB * 128 + off, &tmq, pp * 64, 0, g, t, b, bar);
+        }
+    };
+
+    const float sl2 = s.scale * LOG2E;
+    // this warp's 16 rows: heads hh0 .. hh0 + 15 of the tile's position p_w
+    const int p_w = warp * 16 / s.hpg, hh0 = warp * 16 % s.hpg;
+    auto step = [&](const bf16 *Qt, int it) {
+        int qi = it * ppt + p_w;
+        int t = qi < npos ? w.list[qi] : -1; // (warp-uniform)
+        float sc[8][4];
+        wg_rows_keys_issue<DP>(sc, Qt, Ks, warp, lane); // S: rows x keys
+        // meanwhile: the block's slot in the position's selection
+        int slot = -1;
+        if (t >= 0) {
+            const int32_t *sel = idx + (((size_t)b * s.T + t) * s.G + g) * s.n;
+            for (int i0 = 0; i0 < s.n && slot < 0; i0 += 32) {
+                unsigned hit = __ballot_sync(0xffffffffu, i0 + lane < s.n && sel[i0 + lane] == blk);
+                if (hit)
+                    slot = i0 + __ffs(hit) - 1;
+            }
+        }
+        wg_wait<0>();
+        wgmma_hold(sc);
+        mbar_arrive(&empty[it % ST]); // this thread is done with the stage
+        // the block's softmax: keys kk < cnt with key0 + kk <= t
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2];
+        int last = t - w.key0;
+        softmax_probs<NB>(sc, m, l, alpha, sl2, lane,
+                          [&](int, int kk) { return kk < cnt && kk <= last; });
+        uint32_t a[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            c_to_a(a[j], sc[2 * j], sc[2 * j + 1]);
+        float o[DP / 8][4];
+        frag_zero(o);
+        wg_p_v<DP>(o, a, Vs, lane);
+        if (slot < 0) // past the list (or a selection without this block: none written)
+            return;
+        size_t prow = ((((size_t)b * s.T + t) * s.G + g) * s.n + slot) * s.hpg + hh0 + gq;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            size_t at = prow + 8 * i;
+            float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+            if (c4 == 0)
+                part_lse[at] = l[i] > 0.0f ? (m[i] + log2f(l[i])) * LN2 : -INFINITY;
+#pragma unroll
+            for (int nt = 0; nt < DP / 8; nt++) {
+                int col = nt * 8 + 2 * c4;
+                if (col >= s.d)
+                    continue;
+                float x0 = o[nt][2 * i] * inv, x1 = o[nt][2 * i + 1] * inv;
+                if (PT == 1)
+                    *reinterpret_cast<__nv_bfloat162 *>((bf16 *)part_o + at * s.d + col) =
+                        __floats2bfloat162_rn(x0, x1);
+                else
+                    *reinterpret_cast<float2 *>((float *)part_o + at * s.d + col) =
+                        make_float2(x0, x1);
+            }
+        }
+    };
+
+    mbar_init_pipe<ST>(full, MMA_THREADS); // empty = full + ST
+    __syncthreads();
+    if (threadIdx.x < 32) // (while K and V arrive)
+        for (int j = 0; j < ST - 1 && j < ntiles; j++)
+            issue(j);
+    cp_async_wait<0>();
+    fence_async_smem();
+    __syncthreads();
+    for (int it = 0; it < ntiles; it++) {
+        // refill the stage tile it - 1 used once every thread is done with it
+        if (threadIdx.x < 32 && it + ST - 1 < ntiles) {
+            if (it > 0) {
+                if (lane == 0)
+                    mbar_wait_use<ST>(empty, it - 1);
+                __syncwarp();
+            }
+            issue(it + ST - 1);
+        }
+        mbar_wait_use<ST>(full, it);
+        step(Qs + (it % ST) * TE, it);
+    }
+#endif
+}
+
+static size_t align256(size_t bytes)
+{
+    return (bytes + 255) / 256 * 256;
+}
+
+size_t nsa__cuda_slc_kc_scratch_bytes(const attn_shape &s, int mode)
+{
+    size_t parts = (size_t)s.B * s.T * s.H * s.n;
+    return align256(parts * s.d * (mode == 2 ? sizeof(float) : sizeof(bf16))) +
+           align256(parts * sizeof(float)) + nsa__cuda_sel_ws_ints(s) * sizeof(int);
+}
+
+template <int DP, int ST, int MINB, int PT>
+static nsa_status slc_kc_dp(nsa_context *ctx, const attn_shape &s, void *scratch, float *out,
+                            float *o_slc, float *lse3, const float *o_cmp, const float *o_win,
+                            const bf16 *q, const bf16 *k, const bf16 *v, const float *gates,
+                            const int32_t *idx)
+{
+    size_t parts = (size_t)s.B * s.T * s.H * s.n;
+    char *mem = (char *)scratch;
+    void *part_o = mem;
+    mem += align256(parts * s.d * (PT == 2 ? sizeof(float) : sizeof(bf16)));
+    float *part_lse = (float *)mem;
+    int *ws = (int *)(mem + align256(parts * sizeof(float)));
+    // work items of up to 64 tiles (the selected dk/dv kernel's split)
+    int split_pos = 64 * MB / s.hpg;
+    sel_index si;
+    NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, ws, split_pos, &si));
+    CUtensorMap tmq;
+    NSA_TRY(nsa__cuda_tensor_map_rows(ctx, &tmq, q, s.B, s.T, s.G, s.hpg, s.d, 1));
+    auto kernel = bf16_slc_kc_kernel<DP, ST, MINB, PT>;
+    size_t bytes = slc_kc_smem_bytes<DP, ST>();
+    NSA_TRY(allow_smem(ctx, kernel, bytes));
+    kernel<<<dim3((unsigned)si.max_items, 1, 1), MMA_THREADS, bytes, nsa__cuda_stream(ctx)>>>(
+        part_o, part_lse, k, v, tmq, idx, si.offsets, si.lists, si.item_start, split_pos, s);
+    NSA_CUDA_LAUNCHED("bf16_slc_kc_kernel");
+    return nsa__cuda_slc_combine(ctx, s, out, o_slc, lse3, o_cmp, o_win, gates, part_o, PT == 2,
+                                 1, part_lse, idx);
+}
+
+nsa_status nsa__cuda_slc_kc_forward(nsa_context *ctx, const attn_shape &s, int mode,
+                                    void *scratch, float *out, float *o_slc, float *lse3,
+                                    const float *o_cmp, const float *o_win, const bf16 *q,
+                                    const bf16 *k, const bf16 *v, const float *gates,
+                                    const int32_t *idx)
+{
+    if (s.hpg % 16 != 0 || s.hpg > MB || s.b > NB || s.Tq != s.T)
+        return nsa__error(NSA_ERR_UNSUPPORTED,
+                          "cuda bf16 selected path (key blocks outside): H/G = %d, block_size "
+                          "= %d, %d of %d positions: not covered",
+                          s.hpg, s.b, s.Tq, s.T);
+#define KC_RUN(DP)                                                                              \
+    (mode == 2   ? slc_kc_dp<DP, 4, 2, 2>(ctx, s, scratch, out, o_slc, lse3, o_cmp, o_win, q, k,  \
+                                        v, gates, idx)                                          \
+     : mode == 3 ? slc_kc_dp<DP, 2, 3, 1>(ctx, s, scratch, out, o_slc, lse3, o_cmp, o_win, q, k,  \
+                                          v, gates, idx)                                        \
+                 : slc_kc_dp<DP, 4, 2, 1>(ctx, s, scratch, out, o_slc, lse3, o_cmp, o_win, q, k,  \
+                                          v, gates, idx))
+    if (s.d <= 64)
+        return KC_RUN(64);
+    return KC_RUN(128);
+#undef KC_RUN
+}
