@@ -141,7 +141,7 @@ if [ "$what" = ab ]; then
         for set in $sets; do
             envs=()
             [ "$set" = default ] || IFS=, read -ra envs <<<"$set"
-            env "${envs[@]}" build/cuda/bench_attn_cuda --seq-lens "${AB_T:-65536}" \
+            env ${envs[@]+"${envs[@]}"} build/cuda/bench_attn_cuda --seq-lens "${AB_T:-65536}" \
                 --reps "${AB_REPS:-3}" | sed "s/^/$set: /" || status=1
         done
     done

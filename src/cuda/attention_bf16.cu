@@ -914,10 +914,10 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
     size_t kv_bytes = 0;
     if (s.hpg % 16 != 0 && s.Tq == s.T && s.q_start == 0 && !cs->bf16_slc_union)
         kv_bytes = bytes_if_half_free(nsa__cuda_slc_kv_scratch_bytes(s));
-    // H/G a multiple of 16 with NSA_CUDA_SLC_KC (sm_90a, TMA): key blocks outside as well
+    // H/G 16, 32 or 64 with NSA_CUDA_SLC_KC (sm_90a, TMA): key blocks outside as well
     // (attention_bf16_slc_kc.cu), under the same conditions and where a block is one key
-    // tile and a tile holds whole positions; by default a warp a position
-    if (s.hpg % 16 == 0 && s.hpg <= MB && s.b <= NB && cs->slc_kc && cs->sm90a && cs->use_tma &&
+    // tile (a 64-row tile then holds whole positions); by default a warp a position
+    if (s.hpg % 16 == 0 && MB % s.hpg == 0 && s.b <= NB && cs->slc_kc && cs->sm90a && cs->use_tma &&
         s.Tq == s.T && s.q_start == 0 && !cs->bf16_slc_union)
         kv_bytes = bytes_if_half_free(nsa__cuda_slc_kc_scratch_bytes(s, cs->slc_kc));
     size_t main_bytes = (n_ocmp + n_lse + n_sel) * sizeof(float);

@@ -902,6 +902,33 @@ __device__ __forceinline__ void store_frag_row(float *dst, const float (&x)[DP /
     }
 }
 
+// The same as bf16 for NT (even) n-tiles, columns past ncols (a multiple of 8) skipped:
+// lanes swap a value with their neighbour (lane ^ 1) so that each stores 8 bytes, four
+// columns of one n-tile, and a quad's stores fill one 32-byte sector (two n-tiles) where
+// 4-byte stores would fill half of two.
+template <int NT>
+__device__ __forceinline__ void store_row_bf16(bf16 *dst, const float (&x)[NT][4], int ii,
+                                               float scale, int lane, int ncols)
+{
+    static_assert(NT % 2 == 0, "pairs of n-tiles");
+    int c4 = lane % 4;
+    bool odd = c4 & 1;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt += 2) {
+        __nv_bfloat162 a = __floats2bfloat162_rn(x[nt][2 * ii] * scale, x[nt][2 * ii + 1] * scale);
+        __nv_bfloat162 b =
+            __floats2bfloat162_rn(x[nt + 1][2 * ii] * scale, x[nt + 1][2 * ii + 1] * scale);
+        uint32_t ua = *reinterpret_cast<uint32_t *>(&a), ub = *reinterpret_cast<uint32_t *>(&b);
+        // even lanes keep n-tile nt (columns 2 c4 .. 2 c4 + 3), odd ones n-tile nt + 1
+        // (columns 2 (c4 - 1) ..): each sends the half its neighbour keeps
+        uint32_t got = __shfl_xor_sync(0xffffffffu, odd ? ua : ub, 1);
+        uint2 v = odd ? make_uint2(got, ub) : make_uint2(ua, got);
+        int col = (nt + (odd ? 1 : 0)) * 8 + 2 * (c4 & 2);
+        if (col < ncols)
+            *reinterpret_cast<uint2 *>(dst + col) = v;
+    }
+}
+
 // Stores the 16 rows row0 .. row0 + 15 of an m-tile's o (C fragments, DP columns) as fp32
 // into dst rows ([rows][d]); t[r] < 0 marks rows past the end, row[r] their index.
 template <int DP>
@@ -1012,15 +1039,15 @@ nsa_status nsa__cuda_slc_kv_forward(nsa_context *ctx, const attn_shape &s, void 
 // The selected path's partials merged by their lse per row, then lse slot 1 (lse3 may be
 // NULL), o_slc (when not NULL) and out = g0 o_cmp + g1 o_slc + g2 o_win. part_o: bf16, or
 // fp32 when fp32; (row, slot) at row * n + slot, or with by_position at
-// ((b T + t) G + g) n + slot) hpg + hh (part_lse the same, part_o times d). Slots with
+// (((b T + t) G + g) n + slot) hpg + hh (part_lse the same, part_o times d). Slots with
 // idx < 0 are never read.
 nsa_status nsa__cuda_slc_combine(nsa_context *ctx, const attn_shape &s, float *out,
                                  float *o_slc, float *lse3, const float *o_cmp,
                                  const float *o_win, const float *gates, const void *part_o,
                                  int fp32, int by_position, const float *part_lse,
                                  const int32_t *idx);
-// The selected path and the gated sum with key blocks outside for H/G a multiple of 16 (up
-// to 64), sm_90a with TMA, block_size <= 64, training shapes (Tq = T)
+// The selected path and the gated sum with key blocks outside for H/G 16, 32 or 64, sm_90a
+// with TMA, block_size <= 64, training shapes (Tq = T)
 // (attention_bf16_slc_kc.cu; NSA_CUDA_SLC_KC = mode: 1 bf16 partials, 2 fp32, 3 bf16 with
 // two row stages and three blocks a SM). scratch holds nsa__cuda_slc_kc_scratch_bytes(s,
 // mode).

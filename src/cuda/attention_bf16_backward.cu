@@ -700,20 +700,14 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
             for (int i = 0; i < 2; i++) {
                 if (slot[i] < 0)
                     continue;
-                size_t at = ((rowp[i] + gq) * s.n + slot[i]) * s.d;
-#pragma unroll
-                for (int nt = 0; nt < 8; nt++) {
-                    int col = half * 64 + nt * 8 + 2 * c4;
-                    float x0 = acc[nt][2 * i] * s.scale, x1 = acc[nt][2 * i + 1] * s.scale;
-                    if (col >= s.d)
-                        continue;
-                    if (DQP == 1)
-                        *reinterpret_cast<__nv_bfloat162 *>((bf16 *)part_dq + at + col) =
-                            __floats2bfloat162_rn(x0, x1);
-                    else
-                        *reinterpret_cast<float2 *>((float *)part_dq + at + col) =
-                            make_float2(x0, x1);
-                }
+                size_t at = ((rowp[i] + gq) * s.n + slot[i]) * s.d + half * 64;
+                // (slot[i] is the same in every lane: the paired bf16 stores shuffle)
+                if (DQP == 1)
+                    store_row_bf16<8>((bf16 *)part_dq + at, acc, i, s.scale, lane,
+                                      s.d - half * 64);
+                else
+                    store_frag_row<64>((float *)part_dq + at, acc, i, s.scale, lane,
+                                       s.d - half * 64);
             }
         }
     };

@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(MMA_THREADS, MINB)
     if (!dkv_work_of<PATH_SLC>(w, s, NB, list_offsets, lists, item_start, split))
         return;
     const int g = w.g, b = w.b, blk = w.key0 / s.b, cnt = w.key_end - w.key0;
-    const int ppt = MB / s.hpg; // positions a tile (1, 2 or 4)
+    const int ppt = MB / s.hpg; // positions a tile (1, 2 or 4: H/G divides 64)
     const int npos = (int)(w.rg_end / s.hpg), ntiles = (npos + ppt - 1) / ppt;
     size_t stride = (size_t)s.G * s.d, kbase = (size_t)b * s.T * stride + (size_t)g * s.d;
     load_tile_sw<DP>(Ks, k, kbase, stride, w.key0, cnt, s.d);
@@ -118,19 +118,10 @@ __global__ void __launch_bounds__(MMA_THREADS, MINB)
             float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
             if (c4 == 0)
                 part_lse[at] = l[i] > 0.0f ? (m[i] + log2f(l[i])) * LN2 : -INFINITY;
-#pragma unroll
-            for (int nt = 0; nt < DP / 8; nt++) {
-                int col = nt * 8 + 2 * c4;
-                if (col >= s.d)
-                    continue;
-                float x0 = o[nt][2 * i] * inv, x1 = o[nt][2 * i + 1] * inv;
-                if (PT == 1)
-                    *reinterpret_cast<__nv_bfloat162 *>((bf16 *)part_o + at * s.d + col) =
-                        __floats2bfloat162_rn(x0, x1);
-                else
-                    *reinterpret_cast<float2 *>((float *)part_o + at * s.d + col) =
-                        make_float2(x0, x1);
-            }
+            if (PT == 1)
+                store_row_bf16<DP / 8>((bf16 *)part_o + at * s.d, o, i, inv, lane, s.d);
+            else
+                store_frag_row<DP>((float *)part_o + at * s.d, o, i, inv, lane, s.d);
         }
     };
 
@@ -190,7 +181,7 @@ static nsa_status slc_kc_dp(nsa_context *ctx, const attn_shape &s, void *scratch
     NSA_TRY(nsa__cuda_tensor_map_rows(ctx, &tmq, q, s.B, s.T, s.G, s.hpg, s.d, 1));
     auto kernel = bf16_slc_kc_kernel<DP, ST, MINB, PT>;
     size_t bytes = slc_kc_smem_bytes<DP, ST>();
-    NSA_TRY(allow_smem(ctx, kernel, bytes));
+    NSA_TRY(slcw_prepare(ctx, kernel, bytes)); // (and the carveout for MINB blocks a SM)
     kernel<<<dim3((unsigned)si.max_items, 1, 1), MMA_THREADS, bytes, nsa__cuda_stream(ctx)>>>(
         part_o, part_lse, k, v, tmq, idx, si.offsets, si.lists, si.item_start, split_pos, s);
     NSA_CUDA_LAUNCHED("bf16_slc_kc_kernel");
@@ -204,11 +195,14 @@ nsa_status nsa__cuda_slc_kc_forward(nsa_context *ctx, const attn_shape &s, int m
                                     const bf16 *k, const bf16 *v, const float *gates,
                                     const int32_t *idx)
 {
-    if (s.hpg % 16 != 0 || s.hpg > MB || s.b > NB || s.Tq != s.T)
+    nsa__cuda_state *cs = nsa__cuda(ctx);
+    if (s.hpg % 16 != 0 || MB % s.hpg != 0 || s.b > NB || s.Tq != s.T || s.q_start != 0 ||
+        !cs->sm90a || !cs->use_tma)
         return nsa__error(NSA_ERR_UNSUPPORTED,
                           "cuda bf16 selected path (key blocks outside): H/G = %d, block_size "
-                          "= %d, %d of %d positions: not covered",
-                          s.hpg, s.b, s.Tq, s.T);
+                          "= %d, %d of %d positions, sm_90a code %s, TMA %s: not covered",
+                          s.hpg, s.b, s.Tq, s.T, cs->sm90a ? "loaded" : "absent",
+                          cs->use_tma ? "on" : "off");
 #define KC_RUN(DP)                                                                              \
     (mode == 2   ? slc_kc_dp<DP, 4, 2, 2>(ctx, s, scratch, out, o_slc, lse3, o_cmp, o_win, q, k,  \
                                         v, gates, idx)                                          \

@@ -146,12 +146,14 @@ static __device__ __forceinline__ float4 part4(const bf16 *p)
 // their partials were never written), then lse slot 1, o_slc (when kept) and the gated sum.
 // Lanes hold the slots' weights (32 slots at a time) and 4 consecutive columns each.
 // Partials P (float or bf16) of (row, slot): at row * n + slot (this file's kernel), or
-// BYPOS at ((b T + t) G + g) n + slot) hpg + hh, a position's heads side by side
+// BYPOS at (((b T + t) G + g) n + slot) hpg + hh, a position's heads side by side
 // (attention_bf16_slc_kc.cu); part_lse likewise, o at that index times d.
+// (three blocks a SM: 80 registers, no spills; 24 warps with eight loads each in flight)
 template <class P, bool BYPOS>
-__global__ void bf16_slc_combine_kernel(float *out, float *o_slc, float *lse3, const float *o_cmp,
-                                        const float *o_win, const float *gates, const P *part_o,
-                                        const float *part_lse, const int32_t *idx, attn_shape s)
+__global__ void __launch_bounds__(256, 3)
+    bf16_slc_combine_kernel(float *out, float *o_slc, float *lse3, const float *o_cmp,
+                            const float *o_win, const float *gates, const P *part_o,
+                            const float *part_lse, const int32_t *idx, attn_shape s)
 {
     int lane = threadIdx.x % 32;
     size_t rows = (size_t)s.B * s.T * s.H, nwarps = (size_t)gridDim.x * blockDim.x / 32;
@@ -188,15 +190,28 @@ __global__ void bf16_slc_combine_kernel(float *out, float *o_slc, float *lse3, c
                               ? __expf(part_lse[base + i * sstride] - lse)
                               : 0.0f;
                 int cnt = min(32, s.n - i0);
-                for (int j = 0; j < cnt; j++) {
-                    float wj = __shfl_sync(0xffffffffu, w, j);
-                    if (wj == 0.0f || !on) // unused slot (never written) or no weight
-                        continue;
-                    float4 x = part4(part_o + (base + (size_t)(i0 + j) * sstride) * s.d + c);
-                    acc.x += wj * x.x;
-                    acc.y += wj * x.y;
-                    acc.z += wj * x.z;
-                    acc.w += wj * x.w;
+                // eight slots' loads in flight at a time, then their sum in slot order
+                for (int j0 = 0; j0 < cnt; j0 += 8) {
+                    float wj[8];
+                    float4 x[8];
+#pragma unroll
+                    for (int u = 0; u < 8; u++) {
+                        int j = j0 + u; // (< 32; lanes past the chunk hold w = 0)
+                        wj[u] = __shfl_sync(0xffffffffu, w, j);
+                        if (!on) // unused slot (never written), no weight, or past d
+                            wj[u] = 0.0f;
+                        x[u] = wj[u] != 0.0f
+                                   ? part4(part_o + (base + (size_t)(i0 + j) * sstride) * s.d + c)
+                                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                    }
+#pragma unroll
+                    for (int u = 0; u < 8; u++)
+                        if (wj[u] != 0.0f) {
+                            acc.x += wj[u] * x[u].x;
+                            acc.y += wj[u] * x[u].y;
+                            acc.z += wj[u] * x[u].z;
+                            acc.w += wj[u] * x[u].w;
+                        }
                 }
             }
             if (!on)
@@ -312,14 +327,25 @@ __global__ void bf16_dq_slc_add_kernel(float *dq, const P *part_dq, const int32_
             continue;
         for (int c = 4 * lane; c < s.d; c += 128) {
             float4 acc = *reinterpret_cast<const float4 *>(dq + row * s.d + c);
-            for (int i = 0; i < s.n; i++) {
-                if (sel[i] < 0)
-                    continue;
-                float4 x = part4(part_dq + (row * s.n + i) * s.d + c);
-                acc.x += x.x;
-                acc.y += x.y;
-                acc.z += x.z;
-                acc.w += x.w;
+            // eight slots' loads in flight at a time, then their sum in slot order
+            for (int i0 = 0; i0 < s.n; i0 += 8) {
+                bool use[8];
+                float4 x[8];
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    int i = i0 + u;
+                    use[u] = i < s.n && sel[i] >= 0;
+                    x[u] = use[u] ? part4(part_dq + (row * s.n + i) * s.d + c)
+                                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                }
+#pragma unroll
+                for (int u = 0; u < 8; u++)
+                    if (use[u]) {
+                        acc.x += x[u].x;
+                        acc.y += x[u].y;
+                        acc.z += x[u].z;
+                        acc.w += x[u].w;
+                    }
             }
             *reinterpret_cast<float4 *>(dq + row * s.d + c) = acc;
         }
