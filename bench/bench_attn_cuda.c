@@ -18,7 +18,8 @@
  *
  * FLOPs counted: 4 d per (query head, key) pair the three paths attend (QK^T and PV; the
  * backward counts 2.5x the forward, as FlashAttention's papers do). Prints one line per
- * length: "nsa T=... fwd_ms=... fwd_infer_ms=... bwd_ms=... fwd_tflops=... bwd_tflops=...".
+ * length: "nsa T=... fwd_ms=... fwd_infer_ms=... bwd_ms=... fwd_tflops=... bwd_tflops=...",
+ * with bf16 also the selected path's kernels of the last runs ("slc_fwd=... slc_dq=...").
  */
 #include "backend.h"
 #include "nsa.h"
@@ -263,9 +264,10 @@ static void bench_length(int T, int B, int H, int G, int d, int use16, int reps,
     float bwd = use16 && !ctx->ops->attn_backward_bf16 ? NAN : time_op(&b, RUN_BWD, warmup, r);
     double flops = 4.0 * d * attended_pairs(&b.dm);
     printf("nsa dtype=%s T=%d B=%d H=%d G=%d d=%d fwd_ms=%.3f fwd_infer_ms=%.3f bwd_ms=%.3f "
-           "fwd_tflops=%.2f bwd_tflops=%.2f\n",
+           "fwd_tflops=%.2f bwd_tflops=%.2f %s\n",
            use16 ? "bf16" : "fp32", T, B, H, G, d, fwd, inf, bwd, flops / (fwd * 1e-3) / 1e12,
-           2.5 * flops / (bwd * 1e-3) / 1e12);
+           2.5 * flops / (bwd * 1e-3) / 1e12,
+           use16 && ctx->ops->attn_kernels ? ctx->ops->attn_kernels(ctx) : "");
     fflush(stdout);
     void *all[] = {b.q, b.k, b.v, b.kc, b.vc, b.q16, b.k16, b.v16, b.kc16, b.vc16, b.gates,
                    b.out, b.o_paths, b.lse, b.dout, b.dq, b.dk, b.dv, b.dkc, b.dvc, b.dgates,

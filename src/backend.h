@@ -155,6 +155,10 @@ struct nsa__backend_ops {
                                      const int32_t *idx, const float *o_paths, const float *lse,
                                      const float *dout, float *dq, float *dk, float *dv,
                                      float *dkc, float *dvc, float *dgates);
+    // (NULL where absent) which kernels the last bf16 attention forward and backward ran for
+    // the selected path, as "slc_fwd=... slc_dq=..." (benchmarks and device tests print it:
+    // a tuning switch whose conditions do not hold falls back without an error).
+    const char *(*attn_kernels)(nsa_context *ctx);
 
     // ---- language model
     // out[M,E] = table[tokens[m], :].

@@ -837,10 +837,14 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
             NSA_TRY((range_path<DP, PATH_WIN>(ctx, s, o_win, lse3, q, k, v)));
         if (phase == 2)
             return NSA_OK;
+        int *kind = &nsa__cuda(ctx)->slc_kind[0];
         if (s.hpg % 16 == 0 && !nsa__cuda(ctx)->bf16_slc_union) {
-            if (kv_scratch) // (NSA_CUDA_SLC_KC: key blocks outside)
+            if (kv_scratch) { // (NSA_CUDA_SLC_KC: key blocks outside)
+                *kind = NSA_SLC_KC + nsa__cuda(ctx)->slc_kc;
                 return nsa__cuda_slc_kc_forward(ctx, s, nsa__cuda(ctx)->slc_kc, kv_scratch, out,
                                                 o_slc, lse3, o_cmp, o_win, q, k, v, gates, idx);
+            }
+            *kind = NSA_SLC_WARP + nsa__cuda(ctx)->bf16_slcw[0];
             switch (nsa__cuda(ctx)->bf16_slcw[0]) {
 #define SLCW_CASE(id, keys, st, w, minb)                                                     \
     case id:                                                                                 \
@@ -850,6 +854,7 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
 #undef SLCW_CASE
             }
         }
+        *kind = kv_scratch ? NSA_SLC_KV : NSA_SLC_UNION;
         if (kv_scratch)
             return nsa__cuda_slc_kv_forward(ctx, s, kv_scratch, out, o_slc, lse3, o_cmp, o_win,
                                             q, k, v, gates, idx);

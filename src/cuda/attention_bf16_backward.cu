@@ -949,6 +949,9 @@ static nsa_status bf16_backward_dp(nsa_context *ctx, const attn_shape &s, float 
     auto kcmp = tma ? bf16_bwd_dkv_kernel<DP, PATH_CMP, 2, DKV_ST(2), true>
                     : bf16_bwd_dkv_kernel<DP, PATH_CMP, 2, 2, false>;
     int dqp = dq_parts ? cs->dq_fused : 0; // 1: bf16 dq partials, 2: fp32
+    cs->slc_kind[1] = !warp_slc ? (part_dq ? NSA_SLC_KV : NSA_SLC_UNION)
+                      : dqp     ? NSA_SLC_KC + dqp
+                                : NSA_SLC_WARP + cs->bf16_slcw[1];
     auto kslc = dqp == 2  ? bf16_bwd_dkv_kernel<DP, PATH_SLC, 1, DKV_ST(1), true, 2>
                 : dqp     ? bf16_bwd_dkv_kernel<DP, PATH_SLC, 1, DKV_ST(1), true, 1>
                 : tma_slc ? bf16_bwd_dkv_kernel<DP, PATH_SLC, 1, DKV_ST(1), true>

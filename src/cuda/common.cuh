@@ -59,9 +59,19 @@ typedef struct nsa__cuda_state {
                   // key blocks outside (attention_bf16_slc_kc.cu), bf16 partials; 2: fp32; 3:
                   // bf16, two row stages and three blocks a SM; 0 (default): a warp a
                   // position. Not yet run on a GPU: off until measured.
+    // the selected path's kernels of the last bf16 attention forward [0] and backward's dq
+    // [1] (NSA_SLC_*; attn_kernels names them)
+    int slc_kind[2];
+    char kernels_line[96];
     cudaStream_t side[2]; // streams beside `stream` for independent kernels of one op, and
     cudaEvent_t ev[4];    // events to fork and join them (NULL with NSA_CUDA_STREAMS=0)
 } nsa__cuda_state;
+
+// The selected path's kernels (nsa__cuda_state::slc_kind): none run yet, a warp a position
+// (+ the SLCW id), key blocks outside for H/G a multiple of 16 (+ the NSA_CUDA_SLC_KC mode;
+// the backward: dq partials of the dk/dv kernel, + NSA_CUDA_DQ_FUSED), key blocks outside
+// for small groups, union tiles.
+enum { NSA_SLC_NONE = 0, NSA_SLC_WARP = 16, NSA_SLC_KC = 32, NSA_SLC_KV = 48, NSA_SLC_UNION = 64 };
 
 // Queue the calls of a scope on another stream: every launch helper takes the context's
 // stream, so a scope that runs part of an op beside the rest swaps it in and back.

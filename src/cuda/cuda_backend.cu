@@ -202,6 +202,39 @@ static nsa_status cuda_linear_backward(nsa_context *ctx, float *dx, float dx_bet
 
 static void cuda_destroy(nsa_context *ctx);
 
+// One kind of nsa__cuda_state::slc_kind, in words.
+static const char *slc_kind_name(int kind, int bwd, char *buf, size_t n)
+{
+    int sub = kind % 16;
+    switch (kind - sub) {
+    case NSA_SLC_WARP:
+        snprintf(buf, n, "warp(slcw=%d)", sub);
+        break;
+    case NSA_SLC_KC:
+        snprintf(buf, n, "%s(%s)", bwd ? "dkv" : "kc", sub == 2 ? "fp32" : sub == 3 ? "bf16,2st" : "bf16");
+        break;
+    case NSA_SLC_KV:
+        snprintf(buf, n, "kv");
+        break;
+    case NSA_SLC_UNION:
+        snprintf(buf, n, "union");
+        break;
+    default:
+        snprintf(buf, n, "-");
+    }
+    return buf;
+}
+
+static const char *cuda_attn_kernels(nsa_context *ctx)
+{
+    nsa__cuda_state *s = nsa__cuda(ctx);
+    char f[32], b[32];
+    snprintf(s->kernels_line, sizeof s->kernels_line, "slc_fwd=%s slc_dq=%s",
+             slc_kind_name(s->slc_kind[0], 0, f, sizeof f),
+             slc_kind_name(s->slc_kind[1], 1, b, sizeof b));
+    return s->kernels_line;
+}
+
 static const nsa__backend_ops cuda_ops = {
     .name = "cuda",
     .destroy = cuda_destroy,
@@ -232,6 +265,7 @@ static const nsa__backend_ops cuda_ops = {
     .attn_backward = nsa__cuda_attn_backward,
     .attn_forward_bf16 = nsa__cuda_attn_forward_bf16,
     .attn_backward_bf16 = nsa__cuda_attn_backward_bf16,
+    .attn_kernels = cuda_attn_kernels,
     .embedding_forward = nsa__cuda_embedding_forward,
     .embedding_backward = nsa__cuda_embedding_backward,
     .cross_entropy = nsa__cuda_cross_entropy,

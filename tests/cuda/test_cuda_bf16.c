@@ -29,6 +29,28 @@
 
 static nsa_context *cpu, *gpu, *gpu_mt1;
 
+// Set by the variants test: the selected path's kernels (the backend's attn_kernels line)
+// a switch must bring where its conditions hold (H/G 16, 32 or 64, block_size <= 64);
+// NULL: no expectation.
+static const char *expect_fwd, *expect_dq;
+
+static int kernels_expected(const attn_case *c)
+{
+    int hpg = c->H / c->G;
+    return (hpg == 16 || hpg == 32 || hpg == 64) && c->b <= 64;
+}
+
+// The kernels line holds `want` (when given and the case qualifies).
+static void check_kernels(const attn_case *c, const char *want)
+{
+    const char *line = OPS(gpu)->attn_kernels ? OPS(gpu)->attn_kernels(gpu) : "";
+    if (!want || !kernels_expected(c))
+        return;
+    printf("    %-34s %s\n", "kernels", line);
+    CHECKF(strstr(line, want) != NULL, "%s: the switch should have run %s, ran: %s", c->name,
+           want, line);
+}
+
 static uint16_t f2bf(float f)
 {
     uint32_t u;
@@ -128,6 +150,7 @@ static void bf16_case(const attn_case *c)
     // 2. forward with the CPU's selection
     OK(OPS(gpu)->attn_forward_bf16(gpu, &dm, dq_, dk_, dv_, dkc, dvc, dg, dgiven, didx, dout, dop,
                                    dlse));
+    check_kernels(c, expect_fwd);
     cmp_dev("bf16 forward out", gpu, dout, out, nq, TOL_BF16);
     cmp_dev("bf16 forward o_cmp", gpu, dop, op, nq, TOL_BF16);
     cmp_dev("bf16 forward o_slc", gpu, dop + nq, op + nq, nq, TOL_BF16);
@@ -179,6 +202,7 @@ static void bf16_case(const attn_case *c)
         float *e_vc = dput(gpu, pnq, nkvc * 4), *e_g = dput(gpu, png, ng * 4);
         OK(OPS(gpu)->attn_backward_bf16(gpu, &dm, dq_, dk_, dv_, dkc, dvc, dg, didx, dop, dlse,
                                         dgout, e_q, e_k, e_v, e_kc, e_vc, e_g));
+        check_kernels(c, expect_dq);
         cmp_dev("bf16 backward dq", gpu, e_q, gq, nq, TOL_BF16);
         cmp_dev("bf16 backward dk", gpu, e_k, gk, nkv, TOL_BF16);
         cmp_dev("bf16 backward dv", gpu, e_v, gv, nkv, TOL_BF16);
@@ -265,23 +289,25 @@ static void test_bf16_variants(void)
     static const struct {
         const char *var, *val, *var2, *val2; // var2 NULL: one variable
         int warp_slc_only;
+        const char *fwd, *dq; // the kernels it must run (check_kernels), or NULL
     } vars[] = {
-        {"NSA_CUDA_SLCW", "0", NULL, NULL, 1},
-        {"NSA_CUDA_SLCW", "1", NULL, NULL, 1},
-        {"NSA_CUDA_SLCW", "2", NULL, NULL, 1},
-        {"NSA_CUDA_SLC_SHARE", "0", NULL, NULL, 1},
-        {"NSA_CUDA_BF16_WG", "2", "NSA_CUDA_RANGE_KC", "128", 0},
-        {"NSA_CUDA_BF16_WG", "2", "NSA_CUDA_TMA", "0", 0},
-        {"NSA_CUDA_BF16_WG", "2", "NSA_CUDA_RANGE_KC", "128,64", 0},
-        {"NSA_CUDA_BF16_WG", "1", NULL, NULL, 0},
-        {"NSA_CUDA_TMA", "0", "NSA_CUDA_STREAMS", "0", 0},
-        {"NSA_CUDA_DQ_FUSED", "1", NULL, NULL, 1},
-        {"NSA_CUDA_DQ_FUSED", "2", NULL, NULL, 1},
-        {"NSA_CUDA_DQ_FUSED", "1", "NSA_CUDA_STREAMS", "0", 1},
-        {"NSA_CUDA_SLC_KC", "1", NULL, NULL, 1},
-        {"NSA_CUDA_SLC_KC", "2", NULL, NULL, 1},
-        {"NSA_CUDA_SLC_KC", "3", "NSA_CUDA_STREAMS", "0", 1},
-        {"NSA_CUDA_SLC_KC", "1", "NSA_CUDA_DQ_FUSED", "1", 1},
+        {"NSA_CUDA_SLCW", "0", NULL, NULL, 1, "slc_fwd=warp(slcw=0)", "slc_dq=warp(slcw=0)"},
+        {"NSA_CUDA_SLCW", "1", NULL, NULL, 1, "slc_fwd=warp(slcw=1)", "slc_dq=warp(slcw=1)"},
+        {"NSA_CUDA_SLCW", "2", NULL, NULL, 1, "slc_fwd=warp(slcw=2)", "slc_dq=warp(slcw=2)"},
+        {"NSA_CUDA_SLC_SHARE", "0", NULL, NULL, 1, NULL, NULL},
+        {"NSA_CUDA_BF16_WG", "2", "NSA_CUDA_RANGE_KC", "128", 0, NULL, NULL},
+        {"NSA_CUDA_BF16_WG", "2", "NSA_CUDA_TMA", "0", 0, NULL, NULL},
+        {"NSA_CUDA_BF16_WG", "2", "NSA_CUDA_RANGE_KC", "128,64", 0, NULL, NULL},
+        {"NSA_CUDA_BF16_WG", "1", NULL, NULL, 0, NULL, NULL},
+        {"NSA_CUDA_TMA", "0", "NSA_CUDA_STREAMS", "0", 0, NULL, NULL},
+        {"NSA_CUDA_DQ_FUSED", "1", NULL, NULL, 1, NULL, "slc_dq=dkv(bf16)"},
+        {"NSA_CUDA_DQ_FUSED", "2", NULL, NULL, 1, NULL, "slc_dq=dkv(fp32)"},
+        {"NSA_CUDA_DQ_FUSED", "1", "NSA_CUDA_STREAMS", "0", 1, NULL, "slc_dq=dkv(bf16)"},
+        {"NSA_CUDA_SLC_KC", "1", NULL, NULL, 1, "slc_fwd=kc(bf16)", NULL},
+        {"NSA_CUDA_SLC_KC", "2", NULL, NULL, 1, "slc_fwd=kc(fp32)", NULL},
+        {"NSA_CUDA_SLC_KC", "3", "NSA_CUDA_STREAMS", "0", 1, "slc_fwd=kc(bf16,2st)", NULL},
+        {"NSA_CUDA_SLC_KC", "1", "NSA_CUDA_DQ_FUSED", "1", 1, "slc_fwd=kc(bf16)",
+         "slc_dq=dkv(bf16)"},
     };
     nsa_context *keep = gpu;
     for (size_t v = 0; v < sizeof vars / sizeof vars[0]; v++) {
@@ -297,9 +323,12 @@ static void test_bf16_variants(void)
             break;
         printf("  %s=%s %s=%s\n", vars[v].var, vars[v].val, vars[v].var2 ? vars[v].var2 : "",
                vars[v].var2 ? vars[v].val2 : "");
+        expect_fwd = vars[v].fwd;
+        expect_dq = vars[v].dq;
         for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
             if (!vars[v].warp_slc_only || (cases[i].H / cases[i].G) % 16 == 0)
                 bf16_case(&cases[i]);
+        expect_fwd = expect_dq = NULL;
         nsa_context_free(gpu);
     }
     gpu = keep;
