@@ -684,14 +684,22 @@ nsa_status nsa__cuda_attn_simple_backward(nsa_context *ctx, const attn_shape &s,
 // ws (nsa__cuda_sel_ws_ints(s) ints of device memory): for each key block (b, g, block) the
 // positions that chose it, lists[offsets[key] .. offsets[key + 1]), and work items of at
 // most split_pos positions: key block `key` owns items item_start[key] .. item_start[key + 1]
-// - 1, at most max_items in all.
+// - 1, at most max_items in all. With skip_fixed, the blocks paper_fixed names for each
+// position are left out (another kernel attends them).
 typedef struct sel_index {
     const int *offsets, *lists, *item_start;
     size_t max_items;
 } sel_index;
 size_t nsa__cuda_sel_ws_ints(const attn_shape &s);
 nsa_status nsa__cuda_sel_lists(nsa_context *ctx, const attn_shape &s, const int32_t *idx,
-                               int *ws, int split_pos, sel_index *out);
+                               int *ws, int split_pos, sel_index *out, int skip_fixed = 0);
+
+// Whether block blk is one the paper's fixed selection forces on position t (block 0 and
+// the two most recent candidates, SPEC 3.2; block size b).
+static __host__ __device__ __forceinline__ bool paper_fixed(int blk, int t, int b)
+{
+    return blk == 0 || blk == t / b || blk == t / b - 1;
+}
 
 // NSA_PRECISION_BF16 through the fp32 ops: q, k, v, kc, vc rounded to bf16 in the operand
 // scratch, then the bf16 tensor-core op (attention_bf16*.cu). *done = 0 (nothing run) when

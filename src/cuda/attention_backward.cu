@@ -391,7 +391,7 @@ __global__ void __launch_bounds__(TILE_THREADS, 1)
 }
 
 // Inverted index of the selection: for each (b, g, block), the positions that chose it.
-__global__ void sel_count_kernel(int *counts, const int32_t *idx, attn_shape s)
+__global__ void sel_count_kernel(int *counts, const int32_t *idx, attn_shape s, int skip_fixed)
 {
     size_t n = (size_t)s.B * s.T * s.G * s.n;
     for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n;
@@ -401,6 +401,8 @@ __global__ void sel_count_kernel(int *counts, const int32_t *idx, attn_shape s)
             continue;
         size_t rest = e / s.n;
         int g = (int)(rest % s.G), b = (int)(rest / s.G / s.T);
+        if (skip_fixed && paper_fixed(blk, (int)(rest / s.G % s.T), s.b))
+            continue;
         atomicAdd(&counts[((size_t)b * s.G + g) * s.nb + blk], 1);
     }
 }
@@ -439,7 +441,8 @@ __global__ void sel_scan_kernel(int *offsets, int *cursor, const int *counts, in
         offsets[n] = carry;
 }
 
-__global__ void sel_fill_kernel(int *lists, int *cursor, const int32_t *idx, attn_shape s)
+__global__ void sel_fill_kernel(int *lists, int *cursor, const int32_t *idx, attn_shape s,
+                                int skip_fixed)
 {
     size_t n = (size_t)s.B * s.T * s.G * s.n;
     for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n;
@@ -451,6 +454,8 @@ __global__ void sel_fill_kernel(int *lists, int *cursor, const int32_t *idx, att
         int g = (int)(rest % s.G);
         rest /= s.G;
         int t = (int)(rest % s.T), b = (int)(rest / s.T);
+        if (skip_fixed && paper_fixed(blk, t, s.b))
+            continue;
         int pos = atomicAdd(&cursor[((size_t)b * s.G + g) * s.nb + blk], 1);
         lists[pos] = t;
     }
@@ -470,7 +475,7 @@ size_t nsa__cuda_sel_ws_ints(const attn_shape &s)
 }
 
 nsa_status nsa__cuda_sel_lists(nsa_context *ctx, const attn_shape &s, const int32_t *idx,
-                               int *ws, int split_pos, sel_index *out)
+                               int *ws, int split_pos, sel_index *out, int skip_fixed)
 {
     cudaStream_t st = nsa__cuda_stream(ctx);
     size_t n_keys = (size_t)s.B * s.G * s.nb, n_entries = (size_t)s.B * s.T * s.G * s.n;
@@ -481,11 +486,13 @@ nsa_status nsa__cuda_sel_lists(nsa_context *ctx, const attn_shape &s, const int3
     int *items = cursor + n_keys + 1, *item_start = items + n_keys + 1;
     int *lists = item_start + n_keys + 1;
     NSA_CUDA_TRY(cudaMemsetAsync(counts, 0, (n_keys + 1) * sizeof(int), st));
-    sel_count_kernel<<<nsa__cuda_blocks(n_entries, 256), 256, 0, st>>>(counts, idx, s);
+    sel_count_kernel<<<nsa__cuda_blocks(n_entries, 256), 256, 0, st>>>(counts, idx, s,
+                                                                       skip_fixed);
     NSA_CUDA_LAUNCHED("sel_count_kernel");
     sel_scan_kernel<<<1, 1024, 0, st>>>(offsets, cursor, counts, (int)n_keys);
     NSA_CUDA_LAUNCHED("sel_scan_kernel");
-    sel_fill_kernel<<<nsa__cuda_blocks(n_entries, 256), 256, 0, st>>>(lists, cursor, idx, s);
+    sel_fill_kernel<<<nsa__cuda_blocks(n_entries, 256), 256, 0, st>>>(lists, cursor, idx, s,
+                                                                      skip_fixed);
     NSA_CUDA_LAUNCHED("sel_fill_kernel");
     sel_items_kernel<<<nsa__cuda_blocks(n_keys, 256), 256, 0, st>>>(items, counts, (int)n_keys,
                                                                     split_pos);

@@ -740,12 +740,18 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 // every position of the thread block holds (block 0, the two most recent) are first loaded
 // once for all its W warps (cta_stream_common), a barrier a chunk; each warp then streams
 // the rest of its selection alone.
+//
+// FIXED (1: bf16 partials; with the paper's fixed selection, training shapes): the fixed
+// blocks alone, whose attention goes as one partial (o normalised, lse) into slot n of the
+// ns slots of part / part_lse ([B, T, G, ns, hpg, d]); the key-centric kernel
+// (attention_bf16_slc_kc.cu) writes the other slots and the combine forms the path.
 
-template <int DP, int KEYS, int ST, int W, int MINB>
+template <int DP, int KEYS, int ST, int W, int MINB, int FIXED = 0>
 __global__ void __launch_bounds__(32 * W, MINB)
     bf16_slc_warp_kernel(float *out, float *o_slc, float *lse3, const float *o_cmp,
                          const float *o_win, const bf16 *q, const bf16 *k, const bf16 *v,
-                         const float *gates, const int32_t *idx, int share, attn_shape s)
+                         const float *gates, const int32_t *idx, int share, attn_shape s,
+                         void *part, float *part_lse, int ns)
 {
     const int LD = mcfg<DP>::LD;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -754,7 +760,7 @@ __global__ void __launch_bounds__(32 * W, MINB)
     int *own = (int *)(pool + (size_t)W * 2 * ST * KEYS * LD) + warp * s.n;
     warp_unit u;
     bool valid = warp_unit_of<W>(u, s, warp);
-    cta_common cc = cta_common_of<W>(s, share && s.fixed);
+    cta_common cc = cta_common_of<W>(s, (share || FIXED) && s.fixed);
     if (!valid && cc.n_blocks == 0)
         return; // no barrier below spans warps
     int g = blockIdx.y, b = blockIdx.z;
@@ -772,29 +778,71 @@ __global__ void __launch_bounds__(32 * W, MINB)
         fwd_step_rq<DP, KEYS>(m, l, o, qf, Kt, Vt, sl2, lane,
                               [&](int, int kk) { return kk < cnt; });
     };
-    if (!warp_stream_selection<DP, KEYS, ST, W>(pool, own, k, v, base, stride, s, cc, sel, valid,
-                                                u.t, warp, lane, step))
+    if (!warp_stream_selection<DP, KEYS, ST, W, FIXED != 0>(pool, own, k, v, base, stride, s,
+                                                             cc, sel, valid, u.t, warp, lane,
+                                                             step))
         return;
+    if constexpr (FIXED != 0) { // the partial of rows row0 + gq (+ 8) at slot n
+        size_t prow = (((size_t)b * s.T + u.t) * s.G + g) * ns + s.n;
+        prow = prow * s.hpg + (u.row0 % s.H - (size_t)g * s.hpg) + gq;
 #pragma unroll
-    for (int ii = 0; ii < 2; ii++)
-        slc_finish_row<DP>(u.row0 + gq + 8 * ii, ii, m, l, o, lane, out, o_slc, lse3, o_cmp,
-                           o_win, gates, s.d);
+        for (int ii = 0; ii < 2; ii++) {
+            size_t at = prow + 8 * ii;
+            float inv = l[ii] > 0.0f ? 1.0f / l[ii] : 0.0f;
+            if (lane % 4 == 0)
+                part_lse[at] = l[ii] > 0.0f ? (m[ii] + log2f(l[ii])) * LN2 : -INFINITY;
+            store_row_bf16<DP / 8>((bf16 *)part + at * s.d, o, ii, inv, lane, s.d);
+        }
+    } else {
+#pragma unroll
+        for (int ii = 0; ii < 2; ii++)
+            slc_finish_row<DP>(u.row0 + gq + 8 * ii, ii, m, l, o, lane, out, o_slc, lse3, o_cmp,
+                               o_win, gates, s.d);
+    }
 }
 
-template <int DP, int KEYS, int ST, int W, int MINB>
+// (FIXED: the fixed blocks' bf16 partials into part, part_lse, which have ns slots; out ..
+// gates unused)
+template <int DP, int KEYS, int ST, int W, int MINB, int FIXED = 0>
 static nsa_status slc_warp(nsa_context *ctx, const attn_shape &s, float *out, float *o_slc,
                            float *lse3, const float *o_cmp, const float *o_win, const bf16 *q,
-                           const bf16 *k, const bf16 *v, const float *gates, const int32_t *idx)
+                           const bf16 *k, const bf16 *v, const float *gates, const int32_t *idx,
+                           void *part = NULL, float *part_lse = NULL, int ns = 0)
 {
-    auto kernel = bf16_slc_warp_kernel<DP, KEYS, ST, W, MINB>;
+    auto kernel = bf16_slc_warp_kernel<DP, KEYS, ST, W, MINB, FIXED>;
     size_t wbytes = slcw_smem_bytes<DP, KEYS, ST, W>(s.n);
     long long units = (long long)s.Tq * (s.hpg / 16);
     NSA_TRY(slcw_prepare(ctx, kernel, wbytes));
     dim3 wgrid((unsigned)((units + W - 1) / W), s.G, s.B);
     kernel<<<wgrid, 32 * W, wbytes, nsa__cuda_stream(ctx)>>>(
-        out, o_slc, lse3, o_cmp, o_win, q, k, v, gates, idx, nsa__cuda(ctx)->bf16_slc_share, s);
+        out, o_slc, lse3, o_cmp, o_win, q, k, v, gates, idx, nsa__cuda(ctx)->bf16_slc_share, s,
+        part, part_lse, ns);
     NSA_CUDA_LAUNCHED("bf16_slc_warp_kernel");
     return NSA_OK;
+}
+
+nsa_status nsa__cuda_slc_fixed_partials(nsa_context *ctx, const attn_shape &s, void *part,
+                                        float *part_lse, int ns, const bf16 *q, const bf16 *k,
+                                        const bf16 *v, const int32_t *idx)
+{
+    if (s.hpg % 16 != 0 || !s.fixed || s.Tq != s.T || ns <= s.n)
+        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda bf16 fixed-block partials: H/G = %d, fixed "
+                                               "selection %d, %d of %d positions: not covered",
+                          s.hpg, s.fixed, s.Tq, s.T);
+    switch (nsa__cuda(ctx)->bf16_slcw[0]) {
+#define SLCW_CASE(id, keys, st, w, minb)                                                     \
+    case id:                                                                                 \
+        return s.d <= 64 ? slc_warp<64, keys, st, w, minb, 1>(ctx, s, NULL, NULL, NULL, NULL, \
+                                                              NULL, q, k, v, NULL, idx, part, \
+                                                              part_lse, ns)                   \
+                         : slc_warp<128, keys, st, w, minb, 1>(ctx, s, NULL, NULL, NULL,      \
+                                                               NULL, NULL, q, k, v, NULL,     \
+                                                               idx, part, part_lse, ns);
+        SLCW_CONFIGS(SLCW_CASE)
+#undef SLCW_CASE
+    }
+    return nsa__error(NSA_ERR_INVALID, "cuda bf16: selected-kernel chunking %d unknown",
+                      nsa__cuda(ctx)->bf16_slcw[0]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -840,7 +888,8 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
         int *kind = &nsa__cuda(ctx)->slc_kind[0];
         if (s.hpg % 16 == 0 && !nsa__cuda(ctx)->bf16_slc_union) {
             if (kv_scratch) { // (NSA_CUDA_SLC_KC: key blocks outside)
-                *kind = NSA_SLC_KC + nsa__cuda(ctx)->slc_kc;
+                int mode = nsa__cuda(ctx)->slc_kc;
+                *kind = NSA_SLC_KC + (mode == 4 && !s.fixed ? 1 : mode); // (4 as 1 there)
                 return nsa__cuda_slc_kc_forward(ctx, s, nsa__cuda(ctx)->slc_kc, kv_scratch, out,
                                                 o_slc, lse3, o_cmp, o_win, q, k, v, gates, idx);
             }

@@ -736,9 +736,9 @@ static __device__ __forceinline__ cta_common cta_common_of(const attn_shape &s, 
 // The common blocks of cc, keys up to the block's last position, KEYS at a time through the
 // W * ST stages of all warps (pool; stage j: K at 2 j KEYS LD, V after it) loaded by all
 // threads, a barrier a chunk: body(Kt, Vt, cnt) on every warp whose position t chose the
-// block (sel[n], its selection; t < 0: none), cnt > 0 its keys of the chunk (up to t).
-// All threads call it.
-template <int DP, int KEYS, int ST, int W, class Body>
+// block (sel[n], its selection; t < 0: none), cnt > 0 its keys of the chunk (up to t);
+// FIXED_ONLY: only where the block is one of t's paper_fixed blocks. All threads call it.
+template <int DP, int KEYS, int ST, int W, bool FIXED_ONLY = false, class Body>
 __device__ __forceinline__ void cta_stream_common(bf16 *pool, const bf16 *K, const bf16 *V,
                                                   size_t base, size_t stride, int d,
                                                   const cta_common &cc, int bsize,
@@ -781,7 +781,7 @@ __device__ __forceinline__ void cta_stream_common(bf16 *pool, const bf16 *K, con
         if (i % subs == 0) { // a new block: did the warp's position choose it
             int blk = key0 / bsize;
             bool hit = false;
-            if (t >= 0)
+            if (t >= 0 && (!FIXED_ONLY || paper_fixed(blk, t, bsize)))
                 for (int e = lane; e < n; e += 32)
                     hit |= sel[e] == blk;
             member = __any_sync(0xffffffffu, hit);
@@ -816,8 +816,10 @@ static __device__ __forceinline__ int own_blocks(int *own, const int32_t *sel, i
 // A warp-per-position kernel's walk over its warp's selection (sel[n] of position t; valid
 // false: a warp past the end, t unused): the thread block's common blocks first (every
 // thread), then the warp's own blocks through its stages of pool (own: its list of n ints),
-// body(Kt, Vt, cnt) on each chunk of its keys. False for a warp past the end.
-template <int DP, int KEYS, int ST, int W, class Body>
+// body(Kt, Vt, cnt) on each chunk of its keys. False for a warp past the end. FIXED_ONLY:
+// the common blocks that are paper_fixed for t alone (cc must hold them: the paper's fixed
+// selection), none of the warp's own.
+template <int DP, int KEYS, int ST, int W, bool FIXED_ONLY = false, class Body>
 __device__ __forceinline__ bool warp_stream_selection(bf16 *pool, int *own, const bf16 *K,
                                                       const bf16 *V, size_t base, size_t stride,
                                                       const attn_shape &s, const cta_common &cc,
@@ -825,10 +827,12 @@ __device__ __forceinline__ bool warp_stream_selection(bf16 *pool, int *own, cons
                                                       int warp, int lane, Body body)
 {
     if (cc.n_blocks > 0)
-        cta_stream_common<DP, KEYS, ST, W>(pool, K, V, base, stride, s.d, cc, s.b, sel, s.n,
-                                           valid ? t : -1, lane, body);
+        cta_stream_common<DP, KEYS, ST, W, FIXED_ONLY>(pool, K, V, base, stride, s.d, cc, s.b,
+                                                       sel, s.n, valid ? t : -1, lane, body);
     if (!valid)
         return false;
+    if (FIXED_ONLY)
+        return true;
     int nown = own_blocks(own, sel, s.n, cc, lane);
     warp_stream_blocks<DP, KEYS, ST>(pool + (size_t)warp * 2 * ST * KEYS * mcfg<DP>::LD, K, V,
                                      base, stride, s.d, own, nown, s.b, t, lane, body);
@@ -1038,19 +1042,26 @@ nsa_status nsa__cuda_slc_kv_forward(nsa_context *ctx, const attn_shape &s, void 
                                     const bf16 *v, const float *gates, const int32_t *idx);
 // The selected path's partials merged by their lse per row, then lse slot 1 (lse3 may be
 // NULL), o_slc (when not NULL) and out = g0 o_cmp + g1 o_slc + g2 o_win. part_o: bf16, or
-// fp32 when fp32; (row, slot) at row * n + slot, or with by_position at
-// (((b T + t) G + g) n + slot) hpg + hh (part_lse the same, part_o times d). Slots with
-// idx < 0 are never read.
+// fp32 when fp32; (row, slot) at row * n + slot (layout 0: fp32 only), or at
+// (((b T + t) G + g) ns + slot) hpg + hh (part_lse the same, part_o times d) with ns = n
+// (layout 1) or n + 1 (layout 2: bf16 only; slot n holds the paper's fixed blocks
+// together, their own slots are not read). Slots with idx < 0 are never read.
 nsa_status nsa__cuda_slc_combine(nsa_context *ctx, const attn_shape &s, float *out,
                                  float *o_slc, float *lse3, const float *o_cmp,
                                  const float *o_win, const float *gates, const void *part_o,
-                                 int fp32, int by_position, const float *part_lse,
+                                 int fp32, int layout, const float *part_lse,
                                  const int32_t *idx);
+// The paper's fixed blocks of every position by the warp-per-position kernel (H/G a multiple
+// of 16, fixed selection, Tq = T): one bf16 partial a row (o normalised, lse) into slot n of
+// part / part_lse, laid out as layout 2 of nsa__cuda_slc_combine (ns = n + 1 slots).
+nsa_status nsa__cuda_slc_fixed_partials(nsa_context *ctx, const attn_shape &s, void *part,
+                                        float *part_lse, int ns, const bf16 *q, const bf16 *k,
+                                        const bf16 *v, const int32_t *idx);
 // The selected path and the gated sum with key blocks outside for H/G 16, 32 or 64, sm_90a
 // with TMA, block_size <= 64, training shapes (Tq = T)
 // (attention_bf16_slc_kc.cu; NSA_CUDA_SLC_KC = mode: 1 bf16 partials, 2 fp32, 3 bf16 with
-// two row stages and three blocks a SM). scratch holds nsa__cuda_slc_kc_scratch_bytes(s,
-// mode).
+// two row stages and three blocks a SM, 4 bf16 with the paper's fixed blocks by the warp
+// kernel). scratch holds nsa__cuda_slc_kc_scratch_bytes(s, mode).
 size_t nsa__cuda_slc_kc_scratch_bytes(const attn_shape &s, int mode);
 nsa_status nsa__cuda_slc_kc_forward(nsa_context *ctx, const attn_shape &s, int mode,
                                     void *scratch, float *out, float *o_slc, float *lse3,

@@ -15,8 +15,13 @@
  * of q read, 4 KB of partial written and read again (bf16, H/G = 16, d = 128) instead of
  * 32 KB of K/V; the partials go through HBM.
  *
- * Partial layout [B, T, G, n, hpg, d] (slot = the block's place in the position's
- * selection): the 16 rows of a warp, one position's heads, are 4 KB side by side.
+ * Partial layout [B, T, G, ns, hpg, d] (slot = the block's place in the position's
+ * selection): the 16 rows of a warp, one position's heads, are 4 KB side by side. Mode 4,
+ * with the paper's fixed selection: the fixed blocks (block 0, the two most recent), which
+ * the warp-per-position kernel loads once for all positions of a thread block, stay with
+ * that kernel (one partial for the three, slot n of ns = n + 1: attention_bf16.cu,
+ * nsa__cuda_slc_fixed_partials); this kernel's index leaves them out. From bytes: 13 of 16
+ * partials written and read back, ~15% fewer bytes through HBM.
  *
  *   bf16_slc_kc_kernel: part_o, part_lse   (then nsa__cuda_slc_combine: out, o_slc, lse3)
  */
@@ -39,7 +44,7 @@ __global__ void __launch_bounds__(MMA_THREADS, MINB)
     bf16_slc_kc_kernel(void *part_o, float *part_lse, const bf16 *k, const bf16 *v,
                        const __grid_constant__ CUtensorMap tmq, const int32_t *idx,
                        const int *list_offsets, const int *lists, const int *item_start,
-                       int split, attn_shape s)
+                       int split, int ns, attn_shape s)
 {
 #if NSA_WGMMA // (the host runs it where its probe found the sm_90a code: cuda_backend.cu)
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -111,7 +116,7 @@ __global__ void __launch_bounds__(MMA_THREADS, MINB)
         wg_p_v<DP>(o, a, Vs, lane);
         if (slot < 0) // past the list (or a selection without this block: none written)
             return;
-        size_t prow = ((((size_t)b * s.T + t) * s.G + g) * s.n + slot) * s.hpg + hh0 + gq;
+        size_t prow = ((((size_t)b * s.T + t) * s.G + g) * ns + slot) * s.hpg + hh0 + gq;
 #pragma unroll
         for (int i = 0; i < 2; i++) {
             size_t at = prow + 8 * i;
@@ -156,18 +161,20 @@ static size_t align256(size_t bytes)
 
 size_t nsa__cuda_slc_kc_scratch_bytes(const attn_shape &s, int mode)
 {
-    size_t parts = (size_t)s.B * s.T * s.H * s.n;
+    size_t parts = (size_t)s.B * s.T * s.H * (s.n + (mode == 4)); // (slot n: mode 4)
     return align256(parts * s.d * (mode == 2 ? sizeof(float) : sizeof(bf16))) +
            align256(parts * sizeof(float)) + nsa__cuda_sel_ws_ints(s) * sizeof(int);
 }
 
+// (fix: the fixed blocks by the warp kernel, into slot n of ns = n + 1)
 template <int DP, int ST, int MINB, int PT>
-static nsa_status slc_kc_dp(nsa_context *ctx, const attn_shape &s, void *scratch, float *out,
-                            float *o_slc, float *lse3, const float *o_cmp, const float *o_win,
-                            const bf16 *q, const bf16 *k, const bf16 *v, const float *gates,
-                            const int32_t *idx)
+static nsa_status slc_kc_dp(nsa_context *ctx, const attn_shape &s, int fix, void *scratch,
+                            float *out, float *o_slc, float *lse3, const float *o_cmp,
+                            const float *o_win, const bf16 *q, const bf16 *k, const bf16 *v,
+                            const float *gates, const int32_t *idx)
 {
-    size_t parts = (size_t)s.B * s.T * s.H * s.n;
+    int ns = s.n + fix;
+    size_t parts = (size_t)s.B * s.T * s.H * ns;
     char *mem = (char *)scratch;
     void *part_o = mem;
     mem += align256(parts * s.d * (PT == 2 ? sizeof(float) : sizeof(bf16)));
@@ -176,17 +183,20 @@ static nsa_status slc_kc_dp(nsa_context *ctx, const attn_shape &s, void *scratch
     // work items of up to 64 tiles (the selected dk/dv kernel's split)
     int split_pos = 64 * MB / s.hpg;
     sel_index si;
-    NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, ws, split_pos, &si));
+    NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, ws, split_pos, &si, fix));
     CUtensorMap tmq;
     NSA_TRY(nsa__cuda_tensor_map_rows(ctx, &tmq, q, s.B, s.T, s.G, s.hpg, s.d, 1));
     auto kernel = bf16_slc_kc_kernel<DP, ST, MINB, PT>;
     size_t bytes = slc_kc_smem_bytes<DP, ST>();
     NSA_TRY(slcw_prepare(ctx, kernel, bytes)); // (and the carveout for MINB blocks a SM)
     kernel<<<dim3((unsigned)si.max_items, 1, 1), MMA_THREADS, bytes, nsa__cuda_stream(ctx)>>>(
-        part_o, part_lse, k, v, tmq, idx, si.offsets, si.lists, si.item_start, split_pos, s);
+        part_o, part_lse, k, v, tmq, idx, si.offsets, si.lists, si.item_start, split_pos, ns,
+        s);
     NSA_CUDA_LAUNCHED("bf16_slc_kc_kernel");
+    if (fix)
+        NSA_TRY(nsa__cuda_slc_fixed_partials(ctx, s, part_o, part_lse, ns, q, k, v, idx));
     return nsa__cuda_slc_combine(ctx, s, out, o_slc, lse3, o_cmp, o_win, gates, part_o, PT == 2,
-                                 1, part_lse, idx);
+                                 fix ? 2 : 1, part_lse, idx);
 }
 
 nsa_status nsa__cuda_slc_kc_forward(nsa_context *ctx, const attn_shape &s, int mode,
@@ -203,13 +213,14 @@ nsa_status nsa__cuda_slc_kc_forward(nsa_context *ctx, const attn_shape &s, int m
                           "= %d, %d of %d positions, sm_90a code %s, TMA %s: not covered",
                           s.hpg, s.b, s.Tq, s.T, cs->sm90a ? "loaded" : "absent",
                           cs->use_tma ? "on" : "off");
+    int fix = mode == 4 && s.fixed;
 #define KC_RUN(DP)                                                                              \
-    (mode == 2   ? slc_kc_dp<DP, 4, 2, 2>(ctx, s, scratch, out, o_slc, lse3, o_cmp, o_win, q, k,  \
-                                        v, gates, idx)                                          \
-     : mode == 3 ? slc_kc_dp<DP, 2, 3, 1>(ctx, s, scratch, out, o_slc, lse3, o_cmp, o_win, q, k,  \
-                                          v, gates, idx)                                        \
-                 : slc_kc_dp<DP, 4, 2, 1>(ctx, s, scratch, out, o_slc, lse3, o_cmp, o_win, q, k,  \
-                                          v, gates, idx))
+    (mode == 2   ? slc_kc_dp<DP, 4, 2, 2>(ctx, s, 0, scratch, out, o_slc, lse3, o_cmp, o_win, q,  \
+                                        k, v, gates, idx)                                       \
+     : mode == 3 ? slc_kc_dp<DP, 2, 3, 1>(ctx, s, 0, scratch, out, o_slc, lse3, o_cmp, o_win, q,  \
+                                          k, v, gates, idx)                                     \
+                 : slc_kc_dp<DP, 4, 2, 1>(ctx, s, fix, scratch, out, o_slc, lse3, o_cmp, o_win,   \
+                                          q, k, v, gates, idx))
     if (s.d <= 64)
         return KC_RUN(64);
     return KC_RUN(128);

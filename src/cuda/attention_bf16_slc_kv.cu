@@ -145,11 +145,13 @@ static __device__ __forceinline__ float4 part4(const bf16 *p)
 // One warp per row: the row's partials merged by their lse (slots of unused entries skipped:
 // their partials were never written), then lse slot 1, o_slc (when kept) and the gated sum.
 // Lanes hold the slots' weights (32 slots at a time) and 4 consecutive columns each.
-// Partials P (float or bf16) of (row, slot): at row * n + slot (this file's kernel), or
-// BYPOS at (((b T + t) G + g) n + slot) hpg + hh, a position's heads side by side
-// (attention_bf16_slc_kc.cu); part_lse likewise, o at that index times d.
+// Partials P (float or bf16) of (row, slot): at row * n + slot (LAYOUT 0, this file's
+// kernel), or at (((b T + t) G + g) ns + slot) hpg + hh, a position's heads side by side
+// (attention_bf16_slc_kc.cu): LAYOUT 1 ns = n; LAYOUT 2 ns = n + 1, slot n holding the
+// paper's fixed blocks together (the warp kernel's partial) and the slots of the fixed blocks
+// unused. part_lse likewise, o at that index times d.
 // (three blocks a SM: 80 registers, no spills; 24 warps with eight loads each in flight)
-template <class P, bool BYPOS>
+template <class P, int LAYOUT>
 __global__ void __launch_bounds__(256, 3)
     bf16_slc_combine_kernel(float *out, float *o_slc, float *lse3, const float *o_cmp,
                             const float *o_win, const float *gates, const P *part_o,
@@ -162,18 +164,22 @@ __global__ void __launch_bounds__(256, 3)
         int h = (int)(row % s.H);
         size_t bt = row / s.H; // b * T + t
         const int32_t *sel = idx + (bt * s.G + h / s.hpg) * s.n;
-        // partial of slot i: base + i * sstride
-        size_t base = BYPOS ? (bt * s.G + h / s.hpg) * s.n * s.hpg + h % s.hpg : row * s.n;
-        size_t sstride = BYPOS ? (size_t)s.hpg : 1;
+        // partial of slot i < ns: base + i * sstride; used(i): written
+        int ns = s.n + (LAYOUT == 2), t = (int)(bt % s.T);
+        size_t base = LAYOUT ? (bt * s.G + h / s.hpg) * ns * s.hpg + h % s.hpg : row * s.n;
+        size_t sstride = LAYOUT ? (size_t)s.hpg : 1;
+        auto used = [&](int i) {
+            return i == s.n || (sel[i] >= 0 && (LAYOUT != 2 || !paper_fixed(sel[i], t, s.b)));
+        };
         float mx = -INFINITY;
-        for (int i = lane; i < s.n; i += 32)
-            if (sel[i] >= 0)
+        for (int i = lane; i < ns; i += 32)
+            if (used(i))
                 mx = fmaxf(mx, part_lse[base + i * sstride]);
         mx = warp_max(mx);
         float wsum = 0.0f;
         if (mx > -INFINITY)
-            for (int i = lane; i < s.n; i += 32)
-                if (sel[i] >= 0)
+            for (int i = lane; i < ns; i += 32)
+                if (used(i))
                     wsum += __expf(part_lse[base + i * sstride] - mx);
         wsum = warp_sum(wsum);
         float lse = mx > -INFINITY ? mx + __logf(wsum) : -INFINITY;
@@ -184,12 +190,12 @@ __global__ void __launch_bounds__(256, 3)
             int c = c0 + 4 * lane;
             bool on = c < s.d;
             float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            for (int i0 = 0; i0 < s.n; i0 += 32) {
+            for (int i0 = 0; i0 < ns; i0 += 32) {
                 int i = i0 + lane;
-                float w = i < s.n && sel[i] >= 0 && lse > -INFINITY
+                float w = i < ns && used(i) && lse > -INFINITY
                               ? __expf(part_lse[base + i * sstride] - lse)
                               : 0.0f;
-                int cnt = min(32, s.n - i0);
+                int cnt = min(32, ns - i0);
                 // eight slots' loads in flight at a time, then their sum in slot order
                 for (int j0 = 0; j0 < cnt; j0 += 8) {
                     float wj[8];
@@ -231,23 +237,23 @@ __global__ void __launch_bounds__(256, 3)
 nsa_status nsa__cuda_slc_combine(nsa_context *ctx, const attn_shape &s, float *out,
                                  float *o_slc, float *lse3, const float *o_cmp,
                                  const float *o_win, const float *gates, const void *part_o,
-                                 int fp32, int by_position, const float *part_lse,
+                                 int fp32, int layout, const float *part_lse,
                                  const int32_t *idx)
 {
     size_t rows = (size_t)s.B * s.T * s.H;
     unsigned blocks = nsa__cuda_blocks(rows * 32, 256);
     cudaStream_t st = nsa__cuda_stream(ctx);
-#define COMBINE(P, BYPOS)                                                                     \
-    bf16_slc_combine_kernel<P, BYPOS><<<blocks, 256, 0, st>>>(                                  \
+#define COMBINE(P, LAYOUT)                                                                    \
+    bf16_slc_combine_kernel<P, LAYOUT><<<blocks, 256, 0, st>>>(                                 \
         out, o_slc, lse3, o_cmp, o_win, gates, (const P *)part_o, part_lse, idx, s)
-    if (fp32 && by_position)
-        COMBINE(float, true);
+    if (fp32 && layout == 0) // (the forms in use: fp32 0 and 1, bf16 1 and 2)
+        COMBINE(float, 0);
     else if (fp32)
-        COMBINE(float, false);
-    else if (by_position)
-        COMBINE(bf16, true);
+        COMBINE(float, 1);
+    else if (layout == 2)
+        COMBINE(bf16, 2);
     else
-        COMBINE(bf16, false);
+        COMBINE(bf16, 1);
 #undef COMBINE
     NSA_CUDA_LAUNCHED("bf16_slc_combine_kernel");
     return NSA_OK;

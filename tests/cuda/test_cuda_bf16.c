@@ -282,8 +282,9 @@ static void test_bf16_attention_mt1(void)
 // the default three with cp.async, every kernel on the context's one stream (every case);
 // the selected path's dq as bf16 and as fp32 partials from the dk/dv kernel instead of by
 // the query-centric kernel, the first also on one stream; the selected forward with key
-// blocks outside (bf16 partials, fp32, bf16 with two row stages on one stream, and bf16
-// with the fused dq) (these H/G a multiple of 16).
+// blocks outside (bf16 partials, fp32, bf16 with two row stages on one stream, bf16 with the
+// fused dq, and bf16 with the fixed blocks by the warp kernel) (these H/G a multiple of 16).
+// Where a switch's conditions hold, the kernels it names must be the ones that ran.
 static void test_bf16_variants(void)
 {
     static const struct {
@@ -308,6 +309,8 @@ static void test_bf16_variants(void)
         {"NSA_CUDA_SLC_KC", "3", "NSA_CUDA_STREAMS", "0", 1, "slc_fwd=kc(bf16,2st)", NULL},
         {"NSA_CUDA_SLC_KC", "1", "NSA_CUDA_DQ_FUSED", "1", 1, "slc_fwd=kc(bf16)",
          "slc_dq=dkv(bf16)"},
+        // (kc(bf16,fixed) with the paper's fixed selection, kc(bf16) without)
+        {"NSA_CUDA_SLC_KC", "4", NULL, NULL, 1, "slc_fwd=kc(bf16", NULL},
     };
     nsa_context *keep = gpu;
     for (size_t v = 0; v < sizeof vars / sizeof vars[0]; v++) {
