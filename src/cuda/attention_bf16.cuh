@@ -333,6 +333,30 @@ __device__ __forceinline__ void wg_stream_tma(bf16 *Ks, bf16 *Vs, uint64_t *bars
     }
 }
 
+// The consumer loop of an ST-stage stream of row tiles that warp 0 fills (the key-centric
+// kernels' query rows): issue(j) fills stage j % ST on full[j % ST] (all lanes of warp 0
+// call it), tiles 0 .. ST - 2 issued before; body(it) runs on every thread once tile it is
+// in, and each thread must arrive on empty[it % ST] once it is done reading the stage
+// (before body returns, or in it), which lets warp 0 refill the stage with tile it + ST - 1.
+template <int ST, class Issue, class Body>
+__device__ __forceinline__ void row_stream(uint64_t *full, uint64_t *empty, int ntiles,
+                                           Issue issue, Body body)
+{
+    for (int it = 0; it < ntiles; it++) {
+        // refill the stage tile it - 1 used once every thread is done with it
+        if (threadIdx.x < 32 && it + ST - 1 < ntiles) {
+            if (it > 0) {
+                if (threadIdx.x == 0)
+                    mbar_wait_use<ST>(empty, it - 1);
+                __syncwarp();
+            }
+            issue(it + ST - 1);
+        }
+        mbar_wait_use<ST>(full, it);
+        body(it);
+    }
+}
+
 // Rounds the dynamic shared memory base up to 1024 bytes (sw128 tiles); the launchers
 // ask for SMEM_ALIGN more bytes.
 #define SMEM_ALIGN 1024

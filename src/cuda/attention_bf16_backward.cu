@@ -815,22 +815,12 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
         if (threadIdx.x < 32)
             for (int j = 0; j < ST - 1 && j < ntiles; j++)
                 issue(j);
-        for (int it = 0; it < ntiles; it++) {
+        row_stream<ST>(full, empty, ntiles, issue, [&](int it) {
             int stg = it % ST;
-            // refill the stage tile it - 1 used once every thread is done with it
-            if (threadIdx.x < 32 && it + ST - 1 < ntiles) {
-                if (it > 0) {
-                    if (lane == 0)
-                        mbar_wait_use<ST>(empty, it - 1);
-                    __syncwarp();
-                }
-                issue(it + ST - 1);
-            }
-            mbar_wait_use<ST>(full, it);
             step(Qs + stg * TE, Os + stg * TE, meta_s + stg * MB,
                  rg_end - rg_begin - (long long)it * MB);
             mbar_arrive(&empty[stg]); // this thread's reads of the stage are done
-        }
+        });
     } else {
         load_rows(rg_begin, 0);
         cp_async_commit();

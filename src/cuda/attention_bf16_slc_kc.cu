@@ -138,19 +138,7 @@ __global__ void __launch_bounds__(MMA_THREADS, MINB)
     cp_async_wait<0>();
     fence_async_smem();
     __syncthreads();
-    for (int it = 0; it < ntiles; it++) {
-        // refill the stage tile it - 1 used once every thread is done with it
-        if (threadIdx.x < 32 && it + ST - 1 < ntiles) {
-            if (it > 0) {
-                if (lane == 0)
-                    mbar_wait_use<ST>(empty, it - 1);
-                __syncwarp();
-            }
-            issue(it + ST - 1);
-        }
-        mbar_wait_use<ST>(full, it);
-        step(Qs + (it % ST) * TE, it);
-    }
+    row_stream<ST>(full, empty, ntiles, issue, [&](int it) { step(Qs + (it % ST) * TE, it); });
 #endif
 }
 
