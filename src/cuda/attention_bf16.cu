@@ -742,7 +742,8 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 // the rest of its selection alone.
 //
 // FIXED (1: bf16 partials; with the paper's fixed selection, training shapes): the fixed
-// blocks alone, whose attention goes as one partial (o normalised, lse) into slot n of the
+// blocks alone (loaded once a thread block whatever NSA_CUDA_SLC_SHARE says), whose
+// attention goes as one partial (o normalised, lse) into slot n of the
 // ns slots of part / part_lse ([B, T, G, ns, hpg, d]); the key-centric kernel
 // (attention_bf16_slc_kc.cu) writes the other slots and the combine forms the path.
 
@@ -825,7 +826,7 @@ nsa_status nsa__cuda_slc_fixed_partials(nsa_context *ctx, const attn_shape &s, v
                                         float *part_lse, int ns, const bf16 *q, const bf16 *k,
                                         const bf16 *v, const int32_t *idx)
 {
-    if (s.hpg % 16 != 0 || !s.fixed || s.Tq != s.T || ns <= s.n)
+    if (s.hpg % 16 != 0 || !s.fixed || s.Tq != s.T || ns != s.n + 1)
         return nsa__error(NSA_ERR_UNSUPPORTED, "cuda bf16 fixed-block partials: H/G = %d, fixed "
                                                "selection %d, %d of %d positions: not covered",
                           s.hpg, s.fixed, s.Tq, s.T);
@@ -888,8 +889,6 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
         int *kind = &nsa__cuda(ctx)->slc_kind[0];
         if (s.hpg % 16 == 0 && !nsa__cuda(ctx)->bf16_slc_union) {
             if (kv_scratch) { // (NSA_CUDA_SLC_KC: key blocks outside)
-                int mode = nsa__cuda(ctx)->slc_kc;
-                *kind = NSA_SLC_KC + (mode == 4 && !s.fixed ? 1 : mode); // (4 as 1 there)
                 return nsa__cuda_slc_kc_forward(ctx, s, nsa__cuda(ctx)->slc_kc, kv_scratch, out,
                                                 o_slc, lse3, o_cmp, o_win, q, k, v, gates, idx);
             }

@@ -246,7 +246,10 @@ nsa_status nsa__cuda_slc_combine(nsa_context *ctx, const attn_shape &s, float *o
 #define COMBINE(P, LAYOUT)                                                                    \
     bf16_slc_combine_kernel<P, LAYOUT><<<blocks, 256, 0, st>>>(                                 \
         out, o_slc, lse3, o_cmp, o_win, gates, (const P *)part_o, part_lse, idx, s)
-    if (fp32 && layout == 0) // (the forms in use: fp32 0 and 1, bf16 1 and 2)
+    if (fp32 ? layout == 2 : layout == 0) // (the forms in use: fp32 0 and 1, bf16 1 and 2)
+        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda bf16 combine: %s partials in layout %d",
+                          fp32 ? "fp32" : "bf16", layout);
+    if (fp32 && layout == 0)
         COMBINE(float, 0);
     else if (fp32)
         COMBINE(float, 1);

@@ -30,9 +30,10 @@
 static nsa_context *cpu, *gpu, *gpu_mt1;
 
 // Set by the variants test: the selected path's kernels (the backend's attn_kernels line)
-// a switch must bring where its conditions hold (H/G 16, 32 or 64, block_size <= 64);
-// NULL: no expectation.
-static const char *expect_fwd, *expect_dq;
+// a switch must bring where its conditions hold (H/G 16, 32 or 64, block_size <= 64), the
+// forward's with the paper's fixed selection in expect_fwd_paper when it differs; NULL: no
+// expectation.
+static const char *expect_fwd, *expect_fwd_paper, *expect_dq;
 
 static int kernels_expected(const attn_case *c)
 {
@@ -150,7 +151,8 @@ static void bf16_case(const attn_case *c)
     // 2. forward with the CPU's selection
     OK(OPS(gpu)->attn_forward_bf16(gpu, &dm, dq_, dk_, dv_, dkc, dvc, dg, dgiven, didx, dout, dop,
                                    dlse));
-    check_kernels(c, expect_fwd);
+    check_kernels(c, c->fixed == NSA_SELECT_FIXED_PAPER && expect_fwd_paper ? expect_fwd_paper
+                                                                             : expect_fwd);
     cmp_dev("bf16 forward out", gpu, dout, out, nq, TOL_BF16);
     cmp_dev("bf16 forward o_cmp", gpu, dop, op, nq, TOL_BF16);
     cmp_dev("bf16 forward o_slc", gpu, dop + nq, op + nq, nq, TOL_BF16);
@@ -283,7 +285,8 @@ static void test_bf16_attention_mt1(void)
 // the selected path's dq as bf16 and as fp32 partials from the dk/dv kernel instead of by
 // the query-centric kernel, the first also on one stream; the selected forward with key
 // blocks outside (bf16 partials, fp32, bf16 with two row stages on one stream, bf16 with the
-// fused dq, and bf16 with the fixed blocks by the warp kernel) (these H/G a multiple of 16).
+// fused dq, and bf16 with the fixed blocks by the warp kernel, on two streams and on one)
+// (these H/G a multiple of 16).
 // Where a switch's conditions hold, the kernels it names must be the ones that ran.
 static void test_bf16_variants(void)
 {
@@ -291,26 +294,32 @@ static void test_bf16_variants(void)
         const char *var, *val, *var2, *val2; // var2 NULL: one variable
         int warp_slc_only;
         const char *fwd, *dq; // the kernels it must run (check_kernels), or NULL
+        const char *fwd_paper; // the forward's with the paper's fixed selection (NULL: fwd)
     } vars[] = {
-        {"NSA_CUDA_SLCW", "0", NULL, NULL, 1, "slc_fwd=warp(slcw=0)", "slc_dq=warp(slcw=0)"},
-        {"NSA_CUDA_SLCW", "1", NULL, NULL, 1, "slc_fwd=warp(slcw=1)", "slc_dq=warp(slcw=1)"},
-        {"NSA_CUDA_SLCW", "2", NULL, NULL, 1, "slc_fwd=warp(slcw=2)", "slc_dq=warp(slcw=2)"},
-        {"NSA_CUDA_SLC_SHARE", "0", NULL, NULL, 1, NULL, NULL},
-        {"NSA_CUDA_BF16_WG", "2", "NSA_CUDA_RANGE_KC", "128", 0, NULL, NULL},
-        {"NSA_CUDA_BF16_WG", "2", "NSA_CUDA_TMA", "0", 0, NULL, NULL},
-        {"NSA_CUDA_BF16_WG", "2", "NSA_CUDA_RANGE_KC", "128,64", 0, NULL, NULL},
-        {"NSA_CUDA_BF16_WG", "1", NULL, NULL, 0, NULL, NULL},
-        {"NSA_CUDA_TMA", "0", "NSA_CUDA_STREAMS", "0", 0, NULL, NULL},
-        {"NSA_CUDA_DQ_FUSED", "1", NULL, NULL, 1, NULL, "slc_dq=dkv(bf16)"},
-        {"NSA_CUDA_DQ_FUSED", "2", NULL, NULL, 1, NULL, "slc_dq=dkv(fp32)"},
-        {"NSA_CUDA_DQ_FUSED", "1", "NSA_CUDA_STREAMS", "0", 1, NULL, "slc_dq=dkv(bf16)"},
-        {"NSA_CUDA_SLC_KC", "1", NULL, NULL, 1, "slc_fwd=kc(bf16)", NULL},
-        {"NSA_CUDA_SLC_KC", "2", NULL, NULL, 1, "slc_fwd=kc(fp32)", NULL},
-        {"NSA_CUDA_SLC_KC", "3", "NSA_CUDA_STREAMS", "0", 1, "slc_fwd=kc(bf16,2st)", NULL},
+        {"NSA_CUDA_SLCW", "0", NULL, NULL, 1, "slc_fwd=warp(slcw=0)", "slc_dq=warp(slcw=0)",
+         NULL},
+        {"NSA_CUDA_SLCW", "1", NULL, NULL, 1, "slc_fwd=warp(slcw=1)", "slc_dq=warp(slcw=1)",
+         NULL},
+        {"NSA_CUDA_SLCW", "2", NULL, NULL, 1, "slc_fwd=warp(slcw=2)", "slc_dq=warp(slcw=2)",
+         NULL},
+        {"NSA_CUDA_SLC_SHARE", "0", NULL, NULL, 1, NULL, NULL, NULL},
+        {"NSA_CUDA_BF16_WG", "2", "NSA_CUDA_RANGE_KC", "128", 0, NULL, NULL, NULL},
+        {"NSA_CUDA_BF16_WG", "2", "NSA_CUDA_TMA", "0", 0, NULL, NULL, NULL},
+        {"NSA_CUDA_BF16_WG", "2", "NSA_CUDA_RANGE_KC", "128,64", 0, NULL, NULL, NULL},
+        {"NSA_CUDA_BF16_WG", "1", NULL, NULL, 0, NULL, NULL, NULL},
+        {"NSA_CUDA_TMA", "0", "NSA_CUDA_STREAMS", "0", 0, NULL, NULL, NULL},
+        {"NSA_CUDA_DQ_FUSED", "1", NULL, NULL, 1, NULL, "slc_dq=dkv(bf16)", NULL},
+        {"NSA_CUDA_DQ_FUSED", "2", NULL, NULL, 1, NULL, "slc_dq=dkv(fp32)", NULL},
+        {"NSA_CUDA_DQ_FUSED", "1", "NSA_CUDA_STREAMS", "0", 1, NULL, "slc_dq=dkv(bf16)", NULL},
+        {"NSA_CUDA_SLC_KC", "1", NULL, NULL, 1, "slc_fwd=kc(bf16)", NULL, NULL},
+        {"NSA_CUDA_SLC_KC", "2", NULL, NULL, 1, "slc_fwd=kc(fp32)", NULL, NULL},
+        {"NSA_CUDA_SLC_KC", "3", "NSA_CUDA_STREAMS", "0", 1, "slc_fwd=kc(bf16,2st)", NULL, NULL},
         {"NSA_CUDA_SLC_KC", "1", "NSA_CUDA_DQ_FUSED", "1", 1, "slc_fwd=kc(bf16)",
-         "slc_dq=dkv(bf16)"},
-        // (kc(bf16,fixed) with the paper's fixed selection, kc(bf16) without)
-        {"NSA_CUDA_SLC_KC", "4", NULL, NULL, 1, "slc_fwd=kc(bf16", NULL},
+         "slc_dq=dkv(bf16)", NULL},
+        {"NSA_CUDA_SLC_KC", "4", NULL, NULL, 1, "slc_fwd=kc(bf16)", NULL,
+         "slc_fwd=kc(bf16,fixed)"},
+        {"NSA_CUDA_SLC_KC", "4", "NSA_CUDA_STREAMS", "0", 1, "slc_fwd=kc(bf16)", NULL,
+         "slc_fwd=kc(bf16,fixed)"},
     };
     nsa_context *keep = gpu;
     for (size_t v = 0; v < sizeof vars / sizeof vars[0]; v++) {
@@ -327,11 +336,12 @@ static void test_bf16_variants(void)
         printf("  %s=%s %s=%s\n", vars[v].var, vars[v].val, vars[v].var2 ? vars[v].var2 : "",
                vars[v].var2 ? vars[v].val2 : "");
         expect_fwd = vars[v].fwd;
+        expect_fwd_paper = vars[v].fwd_paper;
         expect_dq = vars[v].dq;
         for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
             if (!vars[v].warp_slc_only || (cases[i].H / cases[i].G) % 16 == 0)
                 bf16_case(&cases[i]);
-        expect_fwd = expect_dq = NULL;
+        expect_fwd = expect_fwd_paper = expect_dq = NULL;
         nsa_context_free(gpu);
     }
     gpu = keep;
@@ -347,9 +357,14 @@ static void test_bf16_race(void)
     // H/G = 32 over two scoring chunks (warps exchange head sums through shared memory)
     static const attn_case race32 = {"race_gqa32", 1, 560, 32, 1, 64, 16, 24, 8, 16, 3,
                                      NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0};
+    // n = 6 under the fixed selection: three blocks by score (with NSA_CUDA_SLC_KC=4 the
+    // key-centric kernel's, beside the warp kernel's fixed ones)
+    static const attn_case race_kc = {"race_kc", 1, 300, 16, 1, 64, 16, 24, 8, 16, 6,
+                                      NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0};
     bf16_case(&race);
     bf16_case(&race4);
     bf16_case(&race32);
+    bf16_case(&race_kc);
 }
 
 static void test_bf16_rejects(void)
