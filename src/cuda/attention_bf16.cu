@@ -880,12 +880,9 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
             kernel<<<sgrid, MMA_THREADS, sbytes, st>>>(idx, lse3, q, kc, tm, s);
             NSA_CUDA_LAUNCHED("bf16_score_kernel");
         }
-    } else {
-        // phase 1: window and selected; 2: window alone; 3: selected alone
-        if (phase != 3)
-            NSA_TRY((range_path<DP, PATH_WIN>(ctx, s, o_win, lse3, q, k, v)));
-        if (phase == 2)
-            return NSA_OK;
+    } else if (phase == 2) { // the window path
+        return range_path<DP, PATH_WIN>(ctx, s, o_win, lse3, q, k, v);
+    } else { // phase 3: the selected path and the gated sum (after the others)
         int *kind = &nsa__cuda(ctx)->slc_kind[0];
         if (s.hpg % 16 == 0 && !nsa__cuda(ctx)->bf16_slc_union) {
             if (kv_scratch) { // (NSA_CUDA_SLC_KC: key blocks outside)
@@ -991,14 +988,10 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
     // the window path on a second stream beside the compressed path and the selection (its
     // blocks fill the others' last waves); the selected path, which reads both, after them
     float *lse_out = lse ? lse3 : NULL;
-    int side = cs->ev[0] != NULL;
-    nsa_status ws = NSA_OK;
-    if (side) {
-        NSA_CUDA_TRY(nsa__cuda_fork(cs, 1));
-        nsa__on_stream on(cs, cs->side[0]);
-        ws = bf16_forward_phase(ctx, s, 2, fused, out, o_cmp, o_slc, o_win, lse_out, idx, q, k, v,
-                                kc, vc, gates, NULL);
-    }
+    auto window = [&]() -> nsa_status {
+        return bf16_forward_phase(ctx, s, 2, fused, out, o_cmp, o_slc, o_win, lse_out, idx, q, k,
+                                  v, kc, vc, gates, NULL);
+    };
     auto compressed_and_selection = [&]() -> nsa_status {
         NSA_TRY(bf16_forward_phase(ctx, s, 0, fused, out, o_cmp, o_slc, o_win, lse3, idx, q, k,
                                    v, kc, vc, gates, NULL));
@@ -1014,10 +1007,7 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
         }
         return NSA_OK;
     };
-    nsa_status ms = ws == NSA_OK ? compressed_and_selection() : ws;
-    if (side)
-        ms = nsa__cuda_join(cs, 1, ms);
-    NSA_TRY(ms);
-    return bf16_forward_phase(ctx, s, side ? 3 : 1, fused, out, o_cmp, o_slc, o_win, lse_out, idx,
-                              q, k, v, kc, vc, gates, kv_scratch);
+    NSA_TRY(nsa__cuda_beside(cs, window, compressed_and_selection));
+    return bf16_forward_phase(ctx, s, 3, fused, out, o_cmp, o_slc, o_win, lse_out, idx, q, k, v,
+                              kc, vc, gates, kv_scratch);
 }

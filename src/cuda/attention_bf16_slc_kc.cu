@@ -168,17 +168,6 @@ static nsa_status slc_kc_dp(nsa_context *ctx, const attn_shape &s, int fix, void
     mem += align256(parts * s.d * (PT == 2 ? sizeof(float) : sizeof(bf16)));
     float *part_lse = (float *)mem;
     int *ws = (int *)(mem + align256(parts * sizeof(float)));
-    // the fixed blocks' partials (slot n) on a second stream beside the index and the
-    // key-centric kernel (other slots), when the context has one: that kernel reads K and V
-    // from L2, this one moves its bytes through HBM
-    nsa__cuda_state *cs = nsa__cuda(ctx);
-    bool side = fix && cs->ev[0] != NULL;
-    nsa_status fs = NSA_OK;
-    if (side) {
-        NSA_CUDA_TRY(nsa__cuda_fork(cs, 1));
-        nsa__on_stream on(cs, cs->side[0]);
-        fs = nsa__cuda_slc_fixed_partials(ctx, s, part_o, part_lse, ns, q, k, v, idx);
-    }
     auto key_blocks = [&]() -> nsa_status {
         // work items of up to 64 tiles (the selected dk/dv kernel's split)
         int split_pos = 64 * MB / s.hpg;
@@ -193,14 +182,15 @@ static nsa_status slc_kc_dp(nsa_context *ctx, const attn_shape &s, int fix, void
                  nsa__cuda_stream(ctx)>>>(part_o, part_lse, k, v, tmq, idx, si.offsets,
                                           si.lists, si.item_start, split_pos, ns, s);
         NSA_CUDA_LAUNCHED("bf16_slc_kc_kernel");
-        if (fix && !side)
-            NSA_TRY(nsa__cuda_slc_fixed_partials(ctx, s, part_o, part_lse, ns, q, k, v, idx));
         return NSA_OK;
     };
-    nsa_status ks = fs == NSA_OK ? key_blocks() : fs;
-    if (side)
-        ks = nsa__cuda_join(cs, 1, ks);
-    NSA_TRY(ks);
+    // the fixed blocks' partials (slot n) on a second stream beside the index and the
+    // key-centric kernel (the other slots): the fixed pass reads K and V from L2, the
+    // key-centric kernel moves its bytes through HBM
+    auto fixed = [&]() -> nsa_status {
+        return nsa__cuda_slc_fixed_partials(ctx, s, part_o, part_lse, ns, q, k, v, idx);
+    };
+    NSA_TRY(fix ? nsa__cuda_beside(nsa__cuda(ctx), fixed, key_blocks) : key_blocks());
     return nsa__cuda_slc_combine(ctx, s, out, o_slc, lse3, o_cmp, o_win, gates, part_o, PT == 2,
                                  fix ? 2 : 1, part_lse, idx);
 }

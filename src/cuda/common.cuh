@@ -166,6 +166,28 @@ static inline nsa_status nsa__cuda_join(nsa__cuda_state *s, int n, nsa_status st
     return nsa__cuda_status(e, "cudaEventRecord / cudaStreamWaitEvent (join)", __FILE__, __LINE__);
 }
 
+// side() queued on side[0] beside main() on the context's stream, both after everything
+// queued on it so far, and the stream waiting for both (a fork and a join); without side
+// streams (NSA_CUDA_STREAMS=0) side() then main() on the stream. main() is not called when
+// side() fails; the first error is returned.
+template <class Side, class Main>
+static inline nsa_status nsa__cuda_beside(nsa__cuda_state *s, Side side, Main main)
+{
+    if (!s->ev[0]) {
+        NSA_TRY(side());
+        return main();
+    }
+    NSA_CUDA_TRY(nsa__cuda_fork(s, 1));
+    nsa_status st;
+    {
+        nsa__on_stream on(s, s->side[0]);
+        st = side();
+    }
+    if (st == NSA_OK)
+        st = main();
+    return nsa__cuda_join(s, 1, st);
+}
+
 #define NSA_CUBLAS_TRY(call)                                                            \
     do {                                                                                \
         cublasStatus_t nsa__s_ = (call);                                                \
