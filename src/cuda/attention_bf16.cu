@@ -743,8 +743,9 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 //
 // FIXED (1: bf16 partials; with the paper's fixed selection, training shapes): the fixed
 // blocks alone (loaded once a thread block whatever NSA_CUDA_SLC_SHARE says), whose
-// attention goes as one partial (o normalised, lse) into slot n of the
-// ns slots of part / part_lse ([B, T, G, ns, hpg, d]); the key-centric kernel
+// attention goes as one partial (o normalised, lse) into slot n of the ns slots of part /
+// part_lse ([B, T, G, ns, hpg, d]); idx NULL: the selection is being computed (it holds
+// every fixed block), so this runs before it. The key-centric kernel
 // (attention_bf16_slc_kc.cu) writes the other slots and the combine forms the path.
 
 template <int DP, int KEYS, int ST, int W, int MINB, int FIXED = 0>
@@ -769,7 +770,10 @@ __global__ void __launch_bounds__(32 * W, MINB)
     const int32_t *sel = NULL;
     if (valid) {
         global_a_frags<DP>(qf, q, u.row0, s.d, lane);
-        sel = idx + (((size_t)b * s.Tq + u.tq) * s.G + g) * s.n;
+        // (FIXED with idx NULL: a selection still being computed, which holds every fixed
+        // block: not read)
+        if (!FIXED || idx)
+            sel = idx + (((size_t)b * s.Tq + u.tq) * s.G + g) * s.n;
     }
     size_t stride = (size_t)s.G * s.d, base = (size_t)b * s.T * stride + (size_t)g * s.d;
     const float sl2 = s.scale * LOG2E;
@@ -962,6 +966,7 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
     // blocks outside (attention_bf16_slc_kv.cu) when its partials fit in half the free
     // device memory; otherwise (and with NSA_CUDA_BF16_SLC=union) union tiles
     size_t kv_bytes = 0;
+    int kc_mode = 0; // (NSA_CUDA_SLC_KC where it runs)
     if (s.hpg % 16 != 0 && s.Tq == s.T && s.q_start == 0 && !cs->bf16_slc_union)
         kv_bytes = bytes_if_half_free(nsa__cuda_slc_kv_scratch_bytes(s));
     // H/G 16, 32 or 64 with NSA_CUDA_SLC_KC (sm_90a, TMA): key blocks outside as well
@@ -970,6 +975,8 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
     if (s.hpg % 16 == 0 && MB % s.hpg == 0 && s.b <= NB && cs->slc_kc && cs->sm90a && cs->use_tma &&
         s.Tq == s.T && s.q_start == 0 && !cs->bf16_slc_union)
         kv_bytes = bytes_if_half_free(nsa__cuda_slc_kc_scratch_bytes(s, cs->slc_kc));
+    if (s.hpg % 16 == 0 && kv_bytes)
+        kc_mode = cs->slc_kc;
     size_t main_bytes = (n_ocmp + n_lse + n_sel) * sizeof(float);
     main_bytes = (main_bytes + 255) / 256 * 256;
     float *scratch = NULL;
@@ -986,11 +993,14 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
     float *o_win = o_paths ? o_paths + 2 * rows * s.d : scratch + rows * s.d;
 
     // the window path on a second stream beside the compressed path and the selection (its
-    // blocks fill the others' last waves); the selected path, which reads both, after them
+    // blocks fill the others' last waves), and with NSA_CUDA_SLC_KC=4 the fixed blocks, which
+    // need no scores; the selected path, which reads all of them, after them
     float *lse_out = lse ? lse3 : NULL;
     auto window = [&]() -> nsa_status {
-        return bf16_forward_phase(ctx, s, 2, fused, out, o_cmp, o_slc, o_win, lse_out, idx, q, k,
-                                  v, kc, vc, gates, NULL);
+        NSA_TRY(bf16_forward_phase(ctx, s, 2, fused, out, o_cmp, o_slc, o_win, lse_out, idx, q,
+                                   k, v, kc, vc, gates, NULL));
+        return kc_mode ? nsa__cuda_slc_kc_fixed(ctx, s, kc_mode, kv_scratch, q, k, v, given_idx)
+                       : NSA_OK;
     };
     auto compressed_and_selection = [&]() -> nsa_status {
         NSA_TRY(bf16_forward_phase(ctx, s, 0, fused, out, o_cmp, o_slc, o_win, lse3, idx, q, k,

@@ -761,7 +761,8 @@ static __device__ __forceinline__ cta_common cta_common_of(const attn_shape &s, 
 // W * ST stages of all warps (pool; stage j: K at 2 j KEYS LD, V after it) loaded by all
 // threads, a barrier a chunk: body(Kt, Vt, cnt) on every warp whose position t chose the
 // block (sel[n], its selection; t < 0: none), cnt > 0 its keys of the chunk (up to t);
-// FIXED_ONLY: only where the block is one of t's paper_fixed blocks. All threads call it.
+// FIXED_ONLY: only where the block is one of t's paper_fixed blocks (sel NULL: each of them,
+// as a computed selection always holds them). All threads call it.
 template <int DP, int KEYS, int ST, int W, bool FIXED_ONLY = false, class Body>
 __device__ __forceinline__ void cta_stream_common(bf16 *pool, const bf16 *K, const bf16 *V,
                                                   size_t base, size_t stride, int d,
@@ -805,9 +806,13 @@ __device__ __forceinline__ void cta_stream_common(bf16 *pool, const bf16 *K, con
         if (i % subs == 0) { // a new block: did the warp's position choose it
             int blk = key0 / bsize;
             bool hit = false;
-            if (t >= 0 && (!FIXED_ONLY || paper_fixed(blk, t, bsize)))
-                for (int e = lane; e < n; e += 32)
-                    hit |= sel[e] == blk;
+            if (t >= 0 && (!FIXED_ONLY || paper_fixed(blk, t, bsize))) {
+                if (FIXED_ONLY && !sel) // (a computed selection holds every fixed block)
+                    hit = true;
+                else
+                    for (int e = lane; e < n; e += 32)
+                        hit |= sel[e] == blk;
+            }
             member = __any_sync(0xffffffffu, hit);
         }
         int cw = min(cnt, t - key0 + 1);
@@ -1077,7 +1082,9 @@ nsa_status nsa__cuda_slc_combine(nsa_context *ctx, const attn_shape &s, float *o
                                  const int32_t *idx);
 // The paper's fixed blocks of every position by the warp-per-position kernel (H/G a multiple
 // of 16, fixed selection, Tq = T): one bf16 partial a row (o normalised, lse) into slot n of
-// part / part_lse, laid out as layout 2 of nsa__cuda_slc_combine (ns = n + 1 slots).
+// part / part_lse, laid out as layout 2 of nsa__cuda_slc_combine (ns = n + 1 slots). idx:
+// the selection (a position attends the fixed blocks it holds), or NULL for one the scoring
+// computes (it holds them all), which need not exist yet.
 nsa_status nsa__cuda_slc_fixed_partials(nsa_context *ctx, const attn_shape &s, void *part,
                                         float *part_lse, int ns, const bf16 *q, const bf16 *k,
                                         const bf16 *v, const int32_t *idx);
@@ -1087,6 +1094,12 @@ nsa_status nsa__cuda_slc_fixed_partials(nsa_context *ctx, const attn_shape &s, v
 // two row stages and three blocks a SM, 4 bf16 with the paper's fixed blocks by the warp
 // kernel). scratch holds nsa__cuda_slc_kc_scratch_bytes(s, mode).
 size_t nsa__cuda_slc_kc_scratch_bytes(const attn_shape &s, int mode);
+// Mode 4 with the paper's fixed selection, before nsa__cuda_slc_kc_forward (and before or
+// beside the scoring): the fixed blocks' partials into scratch (given_idx: the caller's
+// selection, or NULL when the scoring computes it). Otherwise nothing.
+nsa_status nsa__cuda_slc_kc_fixed(nsa_context *ctx, const attn_shape &s, int mode,
+                                  void *scratch, const bf16 *q, const bf16 *k, const bf16 *v,
+                                  const int32_t *given_idx);
 nsa_status nsa__cuda_slc_kc_forward(nsa_context *ctx, const attn_shape &s, int mode,
                                     void *scratch, float *out, float *o_slc, float *lse3,
                                     const float *o_cmp, const float *o_win, const bf16 *q,

@@ -147,52 +147,85 @@ static size_t align256(size_t bytes)
     return (bytes + 255) / 256 * 256;
 }
 
-size_t nsa__cuda_slc_kc_scratch_bytes(const attn_shape &s, int mode)
+// The scratch of a mode: partial o (bf16; fp32 in mode 2) and lse of ns slots a row (n + 1
+// in mode 4 with the fixed selection, the fixed blocks' partial in slot n), then the
+// inverted index's workspace.
+struct kc_parts {
+    void *o;
+    float *lse;
+    int *ws;
+    int ns, fix;
+    size_t bytes; // in all
+};
+
+static kc_parts kc_parts_of(const attn_shape &s, int mode, void *scratch)
 {
-    size_t parts = (size_t)s.B * s.T * s.H * (s.n + (mode == 4)); // (slot n: mode 4)
-    return align256(parts * s.d * (mode == 2 ? sizeof(float) : sizeof(bf16))) +
-           align256(parts * sizeof(float)) + nsa__cuda_sel_ws_ints(s) * sizeof(int);
+    kc_parts p;
+    p.fix = mode == 4 && s.fixed; // (mode 4 without the fixed selection: mode 1)
+    p.ns = s.n + (mode == 4);     // (the slot reserved in mode 4 either way)
+    size_t parts = (size_t)s.B * s.T * s.H * p.ns;
+    size_t lse_at = align256(parts * s.d * (mode == 2 ? sizeof(float) : sizeof(bf16)));
+    size_t ws_at = lse_at + align256(parts * sizeof(float));
+    p.bytes = ws_at + nsa__cuda_sel_ws_ints(s) * sizeof(int);
+    char *mem = (char *)scratch;
+    p.o = mem;
+    p.lse = mem ? (float *)(mem + lse_at) : NULL;
+    p.ws = mem ? (int *)(mem + ws_at) : NULL;
+    return p;
 }
 
-// (fix: the fixed blocks by the warp kernel, into slot n of ns = n + 1)
+size_t nsa__cuda_slc_kc_scratch_bytes(const attn_shape &s, int mode)
+{
+    return kc_parts_of(s, mode, NULL).bytes;
+}
+
+// Whether the key-centric kernels cover the call (the forward's gate checks the same).
+static nsa_status kc_covered(nsa_context *ctx, const attn_shape &s)
+{
+    const nsa__cuda_state *cs = nsa__cuda(ctx);
+    if (s.hpg % 16 != 0 || MB % s.hpg != 0 || s.b > NB || s.Tq != s.T || s.q_start != 0 ||
+        !cs->sm90a || !cs->use_tma)
+        return nsa__error(NSA_ERR_UNSUPPORTED,
+                          "cuda bf16 selected path (key blocks outside): H/G = %d, block_size "
+                          "= %d, %d of %d positions, sm_90a code %s, TMA %s: not covered",
+                          s.hpg, s.b, s.Tq, s.T, cs->sm90a ? "loaded" : "absent",
+                          cs->use_tma ? "on" : "off");
+    return NSA_OK;
+}
+
+nsa_status nsa__cuda_slc_kc_fixed(nsa_context *ctx, const attn_shape &s, int mode,
+                                  void *scratch, const bf16 *q, const bf16 *k, const bf16 *v,
+                                  const int32_t *given_idx)
+{
+    NSA_TRY(kc_covered(ctx, s));
+    kc_parts p = kc_parts_of(s, mode, scratch);
+    if (!p.fix)
+        return NSA_OK;
+    return nsa__cuda_slc_fixed_partials(ctx, s, p.o, p.lse, p.ns, q, k, v, given_idx);
+}
+
+// The blocks outside the fixed ones (all of them, but in mode 4 with the fixed selection)
+// by key blocks outside, then the combine.
 template <int DP, int ST, int MINB, int PT>
-static nsa_status slc_kc_dp(nsa_context *ctx, const attn_shape &s, int fix, void *scratch,
+static nsa_status slc_kc_dp(nsa_context *ctx, const attn_shape &s, const kc_parts &p,
                             float *out, float *o_slc, float *lse3, const float *o_cmp,
                             const float *o_win, const bf16 *q, const bf16 *k, const bf16 *v,
                             const float *gates, const int32_t *idx)
 {
-    int ns = s.n + fix;
-    size_t parts = (size_t)s.B * s.T * s.H * ns;
-    char *mem = (char *)scratch;
-    void *part_o = mem;
-    mem += align256(parts * s.d * (PT == 2 ? sizeof(float) : sizeof(bf16)));
-    float *part_lse = (float *)mem;
-    int *ws = (int *)(mem + align256(parts * sizeof(float)));
-    auto key_blocks = [&]() -> nsa_status {
-        // work items of up to 64 tiles (the selected dk/dv kernel's split)
-        int split_pos = 64 * MB / s.hpg;
-        sel_index si;
-        NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, ws, split_pos, &si, fix));
-        CUtensorMap tmq;
-        NSA_TRY(nsa__cuda_tensor_map_rows(ctx, &tmq, q, s.B, s.T, s.G, s.hpg, s.d, 1));
-        auto kernel = bf16_slc_kc_kernel<DP, ST, MINB, PT>;
-        size_t bytes = slc_kc_smem_bytes<DP, ST>();
-        NSA_TRY(slcw_prepare(ctx, kernel, bytes)); // (and the carveout for MINB blocks a SM)
-        kernel<<<dim3((unsigned)si.max_items, 1, 1), MMA_THREADS, bytes,
-                 nsa__cuda_stream(ctx)>>>(part_o, part_lse, k, v, tmq, idx, si.offsets,
-                                          si.lists, si.item_start, split_pos, ns, s);
-        NSA_CUDA_LAUNCHED("bf16_slc_kc_kernel");
-        return NSA_OK;
-    };
-    // the fixed blocks' partials (slot n) on a second stream beside the index and the
-    // key-centric kernel (the other slots): the fixed pass reads K and V from L2, the
-    // key-centric kernel moves its bytes through HBM
-    auto fixed = [&]() -> nsa_status {
-        return nsa__cuda_slc_fixed_partials(ctx, s, part_o, part_lse, ns, q, k, v, idx);
-    };
-    NSA_TRY(fix ? nsa__cuda_beside(nsa__cuda(ctx), fixed, key_blocks) : key_blocks());
-    return nsa__cuda_slc_combine(ctx, s, out, o_slc, lse3, o_cmp, o_win, gates, part_o, PT == 2,
-                                 fix ? 2 : 1, part_lse, idx);
+    // work items of up to 64 tiles (the selected dk/dv kernel's split)
+    int split_pos = 64 * MB / s.hpg;
+    sel_index si;
+    NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, p.ws, split_pos, &si, p.fix));
+    CUtensorMap tmq;
+    NSA_TRY(nsa__cuda_tensor_map_rows(ctx, &tmq, q, s.B, s.T, s.G, s.hpg, s.d, 1));
+    auto kernel = bf16_slc_kc_kernel<DP, ST, MINB, PT>;
+    size_t bytes = slc_kc_smem_bytes<DP, ST>();
+    NSA_TRY(slcw_prepare(ctx, kernel, bytes)); // (and the carveout for MINB blocks a SM)
+    kernel<<<dim3((unsigned)si.max_items, 1, 1), MMA_THREADS, bytes, nsa__cuda_stream(ctx)>>>(
+        p.o, p.lse, k, v, tmq, idx, si.offsets, si.lists, si.item_start, split_pos, p.ns, s);
+    NSA_CUDA_LAUNCHED("bf16_slc_kc_kernel");
+    return nsa__cuda_slc_combine(ctx, s, out, o_slc, lse3, o_cmp, o_win, gates, p.o, PT == 2,
+                                 p.fix ? 2 : 1, p.lse, idx);
 }
 
 nsa_status nsa__cuda_slc_kc_forward(nsa_context *ctx, const attn_shape &s, int mode,
@@ -201,23 +234,16 @@ nsa_status nsa__cuda_slc_kc_forward(nsa_context *ctx, const attn_shape &s, int m
                                     const bf16 *k, const bf16 *v, const float *gates,
                                     const int32_t *idx)
 {
-    nsa__cuda_state *cs = nsa__cuda(ctx);
-    if (s.hpg % 16 != 0 || MB % s.hpg != 0 || s.b > NB || s.Tq != s.T || s.q_start != 0 ||
-        !cs->sm90a || !cs->use_tma)
-        return nsa__error(NSA_ERR_UNSUPPORTED,
-                          "cuda bf16 selected path (key blocks outside): H/G = %d, block_size "
-                          "= %d, %d of %d positions, sm_90a code %s, TMA %s: not covered",
-                          s.hpg, s.b, s.Tq, s.T, cs->sm90a ? "loaded" : "absent",
-                          cs->use_tma ? "on" : "off");
-    int fix = mode == 4 && s.fixed; // (mode 4 without the fixed selection: mode 1)
-    cs->slc_kind[0] = NSA_SLC_KC + (fix ? 4 : mode == 4 ? 1 : mode);
+    NSA_TRY(kc_covered(ctx, s));
+    kc_parts p = kc_parts_of(s, mode, scratch);
+    nsa__cuda(ctx)->slc_kind[0] = NSA_SLC_KC + (p.fix ? 4 : mode == 4 ? 1 : mode);
 #define KC_RUN(DP)                                                                              \
-    (mode == 2   ? slc_kc_dp<DP, 4, 2, 2>(ctx, s, 0, scratch, out, o_slc, lse3, o_cmp, o_win, q,  \
-                                        k, v, gates, idx)                                       \
-     : mode == 3 ? slc_kc_dp<DP, 2, 3, 1>(ctx, s, 0, scratch, out, o_slc, lse3, o_cmp, o_win, q,  \
-                                          k, v, gates, idx)                                     \
-                 : slc_kc_dp<DP, 4, 2, 1>(ctx, s, fix, scratch, out, o_slc, lse3, o_cmp, o_win,   \
-                                          q, k, v, gates, idx))
+    (mode == 2   ? slc_kc_dp<DP, 4, 2, 2>(ctx, s, p, out, o_slc, lse3, o_cmp, o_win, q, k, v,     \
+                                        gates, idx)                                             \
+     : mode == 3 ? slc_kc_dp<DP, 2, 3, 1>(ctx, s, p, out, o_slc, lse3, o_cmp, o_win, q, k, v,     \
+                                          gates, idx)                                           \
+                 : slc_kc_dp<DP, 4, 2, 1>(ctx, s, p, out, o_slc, lse3, o_cmp, o_win, q, k, v,     \
+                                          gates, idx))
     if (s.d <= 64)
         return KC_RUN(64);
     return KC_RUN(128);
