@@ -20,7 +20,8 @@
  * with the paper's fixed selection: the fixed blocks (block 0, the two most recent), which
  * the warp-per-position kernel loads once for all positions of a thread block, stay with
  * that kernel (one partial for the three, slot n of ns = n + 1: attention_bf16.cu,
- * nsa__cuda_slc_fixed_partials, on a second stream); this kernel's index leaves them out.
+ * nsa__cuda_slc_fixed_partials, beside the compressed path and the scoring: a computed
+ * selection always holds them); this kernel's index leaves them out.
  * From bytes: 192 instead of 216 KB a position and kv head through HBM, 11% fewer.
  *
  *   bf16_slc_kc_kernel: part_o, part_lse   (then nsa__cuda_slc_combine: out, o_slc, lse3)
