@@ -162,8 +162,9 @@ struct kc_parts {
 static kc_parts kc_parts_of(const attn_shape &s, int mode, void *scratch)
 {
     kc_parts p;
-    p.fix = mode == 4 && s.fixed; // (mode 4 without the fixed selection: mode 1)
-    p.ns = s.n + (mode == 4);     // (the slot reserved in mode 4 either way)
+    // (mode 4 without the fixed selection: mode 1; n >= 3 holds all three fixed blocks)
+    p.fix = mode == 4 && s.fixed && s.n >= 3;
+    p.ns = s.n + p.fix; // (the combine's layout 2 when fix, 1 otherwise)
     size_t parts = (size_t)s.B * s.T * s.H * p.ns;
     size_t lse_at = align256(parts * s.d * (mode == 2 ? sizeof(float) : sizeof(bf16)));
     size_t ws_at = lse_at + align256(parts * sizeof(float));
@@ -198,10 +199,10 @@ nsa_status nsa__cuda_slc_kc_fixed(nsa_context *ctx, const attn_shape &s, int mod
                                   void *scratch, const bf16 *q, const bf16 *k, const bf16 *v,
                                   const int32_t *given_idx)
 {
-    NSA_TRY(kc_covered(ctx, s));
     kc_parts p = kc_parts_of(s, mode, scratch);
     if (!p.fix)
         return NSA_OK;
+    NSA_TRY(kc_covered(ctx, s));
     return nsa__cuda_slc_fixed_partials(ctx, s, p.o, p.lse, p.ns, q, k, v, given_idx);
 }
 
