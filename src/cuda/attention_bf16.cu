@@ -791,13 +791,9 @@ __global__ void __launch_bounds__(32 * W, MINB)
         size_t prow = (((size_t)b * s.T + u.t) * s.G + g) * ns + s.n;
         prow = prow * s.hpg + (u.row0 % s.H - (size_t)g * s.hpg) + gq;
 #pragma unroll
-        for (int ii = 0; ii < 2; ii++) {
-            size_t at = prow + 8 * ii;
-            float inv = l[ii] > 0.0f ? 1.0f / l[ii] : 0.0f;
-            if (lane % 4 == 0)
-                part_lse[at] = l[ii] > 0.0f ? (m[ii] + log2f(l[ii])) * LN2 : -INFINITY;
-            store_row_bf16<DP / 8>((bf16 *)part + at * s.d, o, ii, inv, lane, s.d);
-        }
+        for (int ii = 0; ii < 2; ii++)
+            store_partial_row<DP>((bf16 *)part + (prow + 8 * ii) * s.d, part_lse + prow + 8 * ii,
+                                  ii, m, l, o, lane, s.d);
     } else {
 #pragma unroll
         for (int ii = 0; ii < 2; ii++)
@@ -972,13 +968,12 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
     // H/G 16, 32 or 64 with NSA_CUDA_SLC_KC (sm_90a, TMA): key blocks outside as well
     // (attention_bf16_slc_kc.cu), under the same conditions and where a block is one key
     // tile (a 64-row tile then holds whole positions); by default a warp a position
-    if (s.hpg % 16 == 0 && MB % s.hpg == 0 && s.b <= NB && cs->slc_kc && cs->sm90a && cs->use_tma &&
-        s.Tq == s.T && s.q_start == 0 && !cs->bf16_slc_union)
+    if (cs->slc_kc && !cs->bf16_slc_union && slc_kc_covers(cs, s))
         kv_bytes = bytes_if_half_free(nsa__cuda_slc_kc_scratch_bytes(s, cs->slc_kc));
     if (s.hpg % 16 == 0 && kv_bytes)
         kc_mode = cs->slc_kc;
     size_t main_bytes = (n_ocmp + n_lse + n_sel) * sizeof(float);
-    main_bytes = (main_bytes + 255) / 256 * 256;
+    main_bytes = nsa__align256(main_bytes);
     float *scratch = NULL;
     void *kv_scratch = NULL;
     if (main_bytes + kv_bytes) {

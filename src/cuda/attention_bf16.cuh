@@ -962,6 +962,36 @@ __device__ __forceinline__ void store_row_bf16(bf16 *dst, const float (&x)[NT][4
     }
 }
 
+// Row g + 8 ii of a warp's online-softmax state (m in log2 units, l, o: DP columns) as one
+// partial of the key-centric paths: o / l into dst[0 .. d) (P: bf16 or float) and the lse
+// (natural log; -inf without keys) into *lse by the quad's first lane. (bf16: every lane
+// of the warp calls it, store_row_bf16 shuffles.)
+template <int DP, class P>
+__device__ __forceinline__ void store_partial_row(P *dst, float *lse, int ii,
+                                                  const float (&m)[2], const float (&l)[2],
+                                                  const float (&o)[DP / 8][4], int lane, int d)
+{
+    float inv = l[ii] > 0.0f ? 1.0f / l[ii] : 0.0f;
+    if (lane % 4 == 0)
+        *lse = l[ii] > 0.0f ? (m[ii] + log2f(l[ii])) * LN2 : -INFINITY;
+    if constexpr (sizeof(P) == sizeof(bf16))
+        store_row_bf16<DP / 8>(dst, o, ii, inv, lane, d);
+    else
+        store_frag_row<DP>(dst, o, ii, inv, lane, d);
+}
+
+// The first slot of sel[n] (a position's selection) that holds block blk, -1 for none; every
+// lane of the warp calls it and gets the same answer.
+static __device__ __forceinline__ int warp_slot_of(const int32_t *sel, int n, int blk, int lane)
+{
+    for (int i0 = 0; i0 < n; i0 += 32) {
+        unsigned hit = __ballot_sync(0xffffffffu, i0 + lane < n && sel[i0 + lane] == blk);
+        if (hit)
+            return i0 + __ffs(hit) - 1;
+    }
+    return -1;
+}
+
 // Stores the 16 rows row0 .. row0 + 15 of an m-tile's o (C fragments, DP columns) as fp32
 // into dst rows ([rows][d]); t[r] < 0 marks rows past the end, row[r] their index.
 template <int DP>
@@ -1094,6 +1124,12 @@ nsa_status nsa__cuda_slc_fixed_partials(nsa_context *ctx, const attn_shape &s, v
 // two row stages and three blocks a SM, 4 bf16 with the paper's fixed blocks by the warp
 // kernel). scratch holds nsa__cuda_slc_kc_scratch_bytes(s, mode).
 size_t nsa__cuda_slc_kc_scratch_bytes(const attn_shape &s, int mode);
+// Whether those kernels cover the call (the shape and the code the driver loaded).
+static inline bool slc_kc_covers(const nsa__cuda_state *cs, const attn_shape &s)
+{
+    return s.hpg % 16 == 0 && MB % s.hpg == 0 && s.b <= NB && s.Tq == s.T && s.q_start == 0 &&
+           cs->sm90a && cs->use_tma;
+}
 // Mode 4 with the paper's fixed selection, before nsa__cuda_slc_kc_forward (and before or
 // beside the scoring): the fixed blocks' partials into scratch (given_idx: the caller's
 // selection, or NULL when the scoring computes it). Otherwise nothing.

@@ -673,17 +673,10 @@ __global__ void __launch_bounds__(MMA_THREADS * WG, 2 / WG)
             // (-1: past the list, or no key on the path: lse -inf for every head of the
             // position, whose rows the add kernel skips)
             int t = r < nrows ? __float_as_int(ms[r].x) : -1;
-            slot[i] = -1;
             rowp[i] = ((size_t)b * s.T + (t < 0 ? 0 : t)) * s.H + (size_t)g * s.hpg + r % s.hpg;
-            if (t < 0)
-                continue;
-            const int32_t *sel = idx + (((size_t)b * s.T + t) * s.G + g) * s.n;
-            for (int i0 = 0; i0 < s.n && slot[i] < 0; i0 += 32) {
-                unsigned hit =
-                    __ballot_sync(0xffffffffu, i0 + lane < s.n && sel[i0 + lane] == blk);
-                if (hit)
-                    slot[i] = i0 + __ffs(hit) - 1;
-            }
+            slot[i] = t < 0 ? -1
+                            : warp_slot_of(idx + (((size_t)b * s.T + t) * s.G + g) * s.n, s.n,
+                                           blk, lane);
         }
 #pragma unroll
         for (int half = 0; half < DP / 64; half++) {
@@ -1065,11 +1058,11 @@ nsa_status nsa__cuda_attn_backward_bf16(nsa_context *ctx, const nsa__attn_dims *
         parts_bytes = bytes_if_half_free(rows * s.n * s.d *
                                           (cs->dq_fused == 2 ? sizeof(float) : sizeof(bf16)));
     // scratch: dout as bf16, D [rows, 3], the selection index, the dq partials, meta4
-    size_t o16_bytes = ((rows * s.d * sizeof(bf16) + 255) / 256) * 256;
-    size_t ws_bytes = (((rows * 3 * sizeof(float) + nsa__cuda_sel_ws_ints(s) * sizeof(int)) + 255) /
-                       256) * 256;
-    size_t part_at = o16_bytes + ws_bytes, parts_at = part_at + (part_bytes + 255) / 256 * 256;
-    size_t meta_at = parts_at + (parts_bytes + 255) / 256 * 256;
+    size_t o16_bytes = nsa__align256(rows * s.d * sizeof(bf16));
+    size_t ws_bytes =
+        nsa__align256(rows * 3 * sizeof(float) + nsa__cuda_sel_ws_ints(s) * sizeof(int));
+    size_t part_at = o16_bytes + ws_bytes, parts_at = part_at + nsa__align256(part_bytes);
+    size_t meta_at = parts_at + nsa__align256(parts_bytes);
     size_t meta_bytes = meta ? 3 * rows * sizeof(float4) : 0;
     void *mem;
     NSA_TRY(nsa__cuda_scratch(ctx, meta_at + meta_bytes, &mem));

@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(MMA_THREADS, MINB)
     const int TE = NB * DP;
     bf16 *Ks = (bf16 *)smem_aligned(smem_raw), *Vs = Ks + TE, *Qs = Vs + TE;
     uint64_t *full = (uint64_t *)(Qs + ST * TE), *empty = full + ST;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4;
 
     dkv_work w;
     if (!dkv_work_of<PATH_SLC>(w, s, NB, list_offsets, lists, item_start, split))
@@ -91,15 +91,9 @@ __global__ void __launch_bounds__(MMA_THREADS, MINB)
         float sc[8][4];
         wg_rows_keys_issue<DP>(sc, Qt, Ks, warp, lane); // S: rows x keys
         // meanwhile: the block's slot in the position's selection
-        int slot = -1;
-        if (t >= 0) {
-            const int32_t *sel = idx + (((size_t)b * s.T + t) * s.G + g) * s.n;
-            for (int i0 = 0; i0 < s.n && slot < 0; i0 += 32) {
-                unsigned hit = __ballot_sync(0xffffffffu, i0 + lane < s.n && sel[i0 + lane] == blk);
-                if (hit)
-                    slot = i0 + __ffs(hit) - 1;
-            }
-        }
+        int slot =
+            t >= 0 ? warp_slot_of(idx + (((size_t)b * s.T + t) * s.G + g) * s.n, s.n, blk, lane)
+                   : -1;
         wg_wait<0>();
         wgmma_hold(sc);
         mbar_arrive(&empty[it % ST]); // this thread is done with the stage
@@ -121,13 +115,12 @@ __global__ void __launch_bounds__(MMA_THREADS, MINB)
 #pragma unroll
         for (int i = 0; i < 2; i++) {
             size_t at = prow + 8 * i;
-            float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-            if (c4 == 0)
-                part_lse[at] = l[i] > 0.0f ? (m[i] + log2f(l[i])) * LN2 : -INFINITY;
             if (PT == 1)
-                store_row_bf16<DP / 8>((bf16 *)part_o + at * s.d, o, i, inv, lane, s.d);
+                store_partial_row<DP>((bf16 *)part_o + at * s.d, part_lse + at, i, m, l, o, lane,
+                                      s.d);
             else
-                store_frag_row<DP>((float *)part_o + at * s.d, o, i, inv, lane, s.d);
+                store_partial_row<DP>((float *)part_o + at * s.d, part_lse + at, i, m, l, o,
+                                      lane, s.d);
         }
     };
 
@@ -141,11 +134,6 @@ __global__ void __launch_bounds__(MMA_THREADS, MINB)
     __syncthreads();
     row_stream<ST>(full, empty, ntiles, issue, [&](int it) { step(Qs + (it % ST) * TE, it); });
 #endif
-}
-
-static size_t align256(size_t bytes)
-{
-    return (bytes + 255) / 256 * 256;
 }
 
 // The scratch of a mode: partial o (bf16; fp32 in mode 2) and lse of ns slots a row (n + 1
@@ -166,8 +154,8 @@ static kc_parts kc_parts_of(const attn_shape &s, int mode, void *scratch)
     p.fix = mode == 4 && s.fixed && s.n >= 3;
     p.ns = s.n + p.fix; // (the combine's layout 2 when fix, 1 otherwise)
     size_t parts = (size_t)s.B * s.T * s.H * p.ns;
-    size_t lse_at = align256(parts * s.d * (mode == 2 ? sizeof(float) : sizeof(bf16)));
-    size_t ws_at = lse_at + align256(parts * sizeof(float));
+    size_t lse_at = nsa__align256(parts * s.d * (mode == 2 ? sizeof(float) : sizeof(bf16)));
+    size_t ws_at = lse_at + nsa__align256(parts * sizeof(float));
     p.bytes = ws_at + nsa__cuda_sel_ws_ints(s) * sizeof(int);
     char *mem = (char *)scratch;
     p.o = mem;
@@ -181,12 +169,11 @@ size_t nsa__cuda_slc_kc_scratch_bytes(const attn_shape &s, int mode)
     return kc_parts_of(s, mode, NULL).bytes;
 }
 
-// Whether the key-centric kernels cover the call (the forward's gate checks the same).
+// NSA_ERR_UNSUPPORTED where slc_kc_covers does not hold (the forward's gate checks it).
 static nsa_status kc_covered(nsa_context *ctx, const attn_shape &s)
 {
     const nsa__cuda_state *cs = nsa__cuda(ctx);
-    if (s.hpg % 16 != 0 || MB % s.hpg != 0 || s.b > NB || s.Tq != s.T || s.q_start != 0 ||
-        !cs->sm90a || !cs->use_tma)
+    if (!slc_kc_covers(cs, s))
         return nsa__error(NSA_ERR_UNSUPPORTED,
                           "cuda bf16 selected path (key blocks outside): H/G = %d, block_size "
                           "= %d, %d of %d positions, sm_90a code %s, TMA %s: not covered",

@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
     bf16 *Qs = (bf16 *)smem_raw, *Ks = Qs + MB * LD, *Vs = Ks + 2 * NB * LD;
     mrows<MB> *tr = (mrows<MB> *)(Vs + 2 * NB * LD);
     int *slot_s = (int *)(tr + 1);
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, c4 = lane % 4;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4;
 
     // the block (whole: tk = b) and the positions of this work item
     dkv_work w;
@@ -121,10 +121,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
             if (trow[ii] < 0)
                 continue;
             size_t at = (size_t)tr->row[r] * s.n + slot_s[r];
-            float inv = l[ii] > 0.0f ? 1.0f / l[ii] : 0.0f;
-            if (c4 == 0)
-                part_lse[at] = l[ii] > 0.0f ? (m[ii] + log2f(l[ii])) * LN2 : -INFINITY;
-            store_frag_row<DP>(part_o + at * s.d, o, ii, inv, lane, s.d);
+            store_partial_row<DP>(part_o + at * s.d, part_lse + at, ii, m, l, o, lane, s.d);
         }
     }
 }

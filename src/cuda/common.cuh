@@ -207,6 +207,12 @@ static inline nsa_status nsa__cuda_beside(nsa__cuda_state *s, Side side, Main ma
 // ---------------------------------------------------------------------------------------
 // Launch helpers
 
+// bytes rounded up to a multiple of 256 (the offsets of arrays carved from one scratch).
+static inline size_t nsa__align256(size_t bytes)
+{
+    return (bytes + 255) / 256 * 256;
+}
+
 static inline unsigned nsa__cuda_blocks(size_t n, int threads)
 {
     size_t b = (n + (size_t)threads - 1) / (size_t)threads;

@@ -164,8 +164,8 @@ static void bf16_case(const attn_case *c)
     OK(OPS(gpu)->attn_forward_bf16(gpu, &dm, dq_, dk_, dv_, dkc, dvc, dg, dgiven, didx, dout, NULL,
                                    NULL));
     cmp_dev("bf16 forward out (inference)", gpu, dout, out, nq, TOL_BF16);
-    // the gated sum is written by whichever of the window and selected kernels ends a row
-    // last (they may run side by side): the same bits either way
+    // the inference run (no o_paths, no lse kept) forms the gated sum from the same values in
+    // the same order: the same bits
     dget(gpu, infer, dout, nq * 4);
     CHECKF(memcmp(kept, infer, nq * 4) == 0,
            "bf16 forward out: the inference run differs in its bits from the run that keeps "
