@@ -12,7 +12,9 @@
 #        PROFILE=1 PROFILE_T=16384 PROFILE_KERNELS=regex (kernel times by ncu, of the kernels
 #        matching regex when given), PROFILE_DETAIL=regex (ncu's
 #        throughput, occupancy and stall sections for the bf16 kernels matching regex),
-#        SANITIZE_ENV="NSA_CUDA_SLC_KC=1" (switches set for the compute-sanitizer runs),
+#        SANITIZE_ENV="NSA_CUDA_SLC_KC=1" (switches set for the compute-sanitizer runs; or
+#        SANITIZE_SETS="NSA_CUDA_SLC_KC=5 NSA_CUDA_SLC_KC=4,NSA_CUDA_DQ_FUSED=1": one pair of
+#        runs per set, comma-separated switches),
 #        SANITIZE_ARGS=--no-variants (memcheck on the default context's cases alone),
 #        AB_VAR=NSA_CUDA_SLCW AB_VALUES="0 1 2" AB_T=65536 (ab: bench_attn_cuda once per value of
 #        the tuning variable, alternating, AB_ROUNDS=2 times; AB_T may list lengths,
@@ -62,18 +64,22 @@ if [ "$what" = all ] || [ "$what" = test ]; then
     # compute-sanitizer: memcheck on every case, racecheck (shared-memory hazards) on the
     # small --race shapes
     for t in ${SANITIZE-test_cuda test_cuda_bf16}; do
-        echo "== compute-sanitizer memcheck ($t)"
-        start=$(date +%s)
-        env ${SANITIZE_ENV:-} timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 \
-            build/cuda/$t ${SANITIZE_ARGS:-} >"$OUT/memcheck_$t.log" 2>&1 || status=1
-        grep -E "^(FAIL|RESULT)|ERROR SUMMARY|=========" "$OUT/memcheck_$t.log" | head -n 20
-        echo "memcheck: $(( $(date +%s) - start )) s"
-        echo "== compute-sanitizer racecheck ($t --race)"
-        start=$(date +%s)
-        env ${SANITIZE_ENV:-} timeout 240 compute-sanitizer --tool racecheck --error-exitcode 3 \
-            build/cuda/$t --race >"$OUT/racecheck_$t.log" 2>&1 || status=1
-        grep -E "^(FAIL|RESULT)|ERROR SUMMARY|=========" "$OUT/racecheck_$t.log" | head -n 20
-        echo "racecheck: $(( $(date +%s) - start )) s"
+        for set in ${SANITIZE_SETS:-${SANITIZE_ENV:+${SANITIZE_ENV// /,}}} ""; do
+            [ -n "${SANITIZE_SETS:-}${SANITIZE_ENV:-}" ] && [ -z "$set" ] && continue
+            envs=${set//,/ } tag=${set:+_${set//[^A-Za-z0-9]/_}}
+            echo "== compute-sanitizer memcheck ($t${set:+ with $envs})"
+            start=$(date +%s)
+            env $envs timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 \
+                build/cuda/$t ${SANITIZE_ARGS:-} >"$OUT/memcheck_$t$tag.log" 2>&1 || status=1
+            grep -E "^(FAIL|RESULT)|ERROR SUMMARY|=========" "$OUT/memcheck_$t$tag.log" | head -n 20
+            echo "memcheck: $(( $(date +%s) - start )) s"
+            echo "== compute-sanitizer racecheck ($t --race${set:+ with $envs})"
+            start=$(date +%s)
+            env $envs timeout 240 compute-sanitizer --tool racecheck --error-exitcode 3 \
+                build/cuda/$t --race >"$OUT/racecheck_$t$tag.log" 2>&1 || status=1
+            grep -E "^(FAIL|RESULT)|ERROR SUMMARY|=========" "$OUT/racecheck_$t$tag.log" | head -n 20
+            echo "racecheck: $(( $(date +%s) - start )) s"
+        done
     done
 fi
 
@@ -137,14 +143,38 @@ if [ "$what" = ab ]; then
         done
     fi
     echo "== A/B:$sets, T=${AB_T:-65536}"
+    : >"$OUT/ab.txt"
     for round in $(seq "${AB_ROUNDS:-2}"); do
         for set in $sets; do
             envs=()
             [ "$set" = default ] || IFS=, read -ra envs <<<"$set"
             env ${envs[@]+"${envs[@]}"} build/cuda/bench_attn_cuda --seq-lens "${AB_T:-65536}" \
-                --reps "${AB_REPS:-3}" | sed "s/^/$set: /" || status=1
+                --reps "${AB_REPS:-3}" | sed "s/^/$set: /" | tee -a "$OUT/ab.txt" || status=1
         done
     done
+    # per set and length: the best of the rounds, and its ratio to the first set's
+    python3 - "$OUT/ab.txt" <<'PY' || status=1
+import re, sys
+best = {}
+for line in open(sys.argv[1]):
+    m = re.match(r"(\S+): nsa .*?T=(\d+) .*?fwd_ms=([\d.na]+) .*?bwd_ms=([\d.na]+)", line)
+    if not m:
+        continue
+    key = (m.group(1), int(m.group(2)))
+    f, b = float(m.group(3)), float(m.group(4))
+    o = best.get(key, (float("inf"), float("inf")))
+    best[key] = (min(o[0], f), min(o[1], b))
+sets = list(dict.fromkeys(k[0] for k in best))
+print("== A/B summary (best of the rounds; x: time against the first set)")
+for T in sorted({k[1] for k in best}):
+    base = best.get((sets[0], T))
+    for s in sets:
+        if (s, T) not in best:
+            continue
+        f, b = best[(s, T)]
+        print(f"T={T:<6} fwd {f:8.3f} ms ({f / base[0]:.3f}x)  bwd {b:8.3f} ms "
+              f"({b / base[1]:.3f}x)  {s}")
+PY
 fi
 
 if [ "$what" = all ] || [ "$what" = bench ]; then

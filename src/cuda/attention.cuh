@@ -583,10 +583,13 @@ struct dkv_work {
     const int *list;
 };
 
+// item_key (the chunked index, sel_index::item_key): the key of each item, instead of a
+// binary search of item_start.
 template <int PATH>
 static __device__ __forceinline__ bool dkv_work_of(dkv_work &w, const attn_shape &s, int tk,
                                                    const int *list_offsets, const int *lists,
-                                                   const int *item_start, int split)
+                                                   const int *item_start, int split,
+                                                   const int *item_key = NULL)
 {
     w.t0 = 0;
     w.rg_begin = 0;
@@ -596,13 +599,16 @@ static __device__ __forceinline__ bool dkv_work_of(dkv_work &w, const attn_shape
         if (item >= item_start[n_keys])
             return false;
         int lo = 0, hi = n_keys - 1; // the last key whose items start at or before `item`
-        while (lo < hi) {
-            int mid = (lo + hi + 1) / 2;
-            if (item_start[mid] <= item)
-                lo = mid;
-            else
-                hi = mid - 1;
-        }
+        if (item_key)
+            lo = item_key[item];
+        else
+            while (lo < hi) {
+                int mid = (lo + hi + 1) / 2;
+                if (item_start[mid] <= item)
+                    lo = mid;
+                else
+                    hi = mid - 1;
+            }
         int key = lo, seg = item - item_start[lo];
         int blk = key % s.nb;
         w.g = (key / s.nb) % s.G;
@@ -685,14 +691,25 @@ nsa_status nsa__cuda_attn_simple_backward(nsa_context *ctx, const attn_shape &s,
 // positions that chose it, lists[offsets[key] .. offsets[key + 1]), and work items of at
 // most split_pos positions: key block `key` owns items item_start[key] .. item_start[key + 1]
 // - 1, at most max_items in all. With skip_fixed, the blocks paper_fixed names for each
-// position are left out (another kernel attends them).
+// position are left out (another kernel attends them). With chunk > 0 the keys are (b, chunk
+// of `chunk` positions, g, block) in that order: a list holds the positions of one chunk
+// (dkv_work_of decodes them as batch entry b * ceil(T / chunk) + chunk, its key read from
+// item_key), and max_items counts the blocks each chunk can see (the work of a chunk comes
+// before the next one's).
+// dst[i] = src[0] + ... + src[i - 1] for i < n (scan.cu); ws holds nsa__cuda_scan_ws_bytes(n)
+// bytes (0: n too large).
+size_t nsa__cuda_scan_ws_bytes(size_t n);
+nsa_status nsa__cuda_scan_ints(nsa_context *ctx, int *dst, const int *src, size_t n, void *ws,
+                               size_t ws_bytes);
 typedef struct sel_index {
     const int *offsets, *lists, *item_start;
+    const int *item_key; // (chunked: the key of each item; NULL otherwise)
     size_t max_items;
 } sel_index;
-size_t nsa__cuda_sel_ws_ints(const attn_shape &s);
+size_t nsa__cuda_sel_ws_ints(const attn_shape &s, int chunk = 0);
 nsa_status nsa__cuda_sel_lists(nsa_context *ctx, const attn_shape &s, const int32_t *idx,
-                               int *ws, int split_pos, sel_index *out, int skip_fixed = 0);
+                               int *ws, int split_pos, sel_index *out, int skip_fixed = 0,
+                               int chunk = 0);
 
 // Whether block blk is one the paper's fixed selection forces on position t (block 0 and
 // the two most recent candidates, SPEC 3.2; block size b).

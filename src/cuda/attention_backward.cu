@@ -391,7 +391,18 @@ __global__ void __launch_bounds__(TILE_THREADS, 1)
 }
 
 // Inverted index of the selection: for each (b, g, block), the positions that chose it.
-__global__ void sel_count_kernel(int *counts, const int32_t *idx, attn_shape s, int skip_fixed)
+// CHUNKED: for each (b, chunk of `chunk` positions, g, block), keys in that order.
+template <bool CHUNKED>
+static __device__ __forceinline__ size_t sel_key_of(const attn_shape &s, int b, int t, int g,
+                                                    int blk, int chunk)
+{
+    size_t bb = CHUNKED ? (size_t)b * ((s.T + chunk - 1) / chunk) + t / chunk : (size_t)b;
+    return (bb * s.G + g) * s.nb + blk;
+}
+
+template <bool CHUNKED>
+__global__ void sel_count_kernel(int *counts, const int32_t *idx, attn_shape s, int skip_fixed,
+                                 int chunk)
 {
     size_t n = (size_t)s.B * s.T * s.G * s.n;
     for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n;
@@ -400,10 +411,10 @@ __global__ void sel_count_kernel(int *counts, const int32_t *idx, attn_shape s, 
         if (blk < 0)
             continue;
         size_t rest = e / s.n;
-        int g = (int)(rest % s.G), b = (int)(rest / s.G / s.T);
-        if (skip_fixed && paper_fixed(blk, (int)(rest / s.G % s.T), s.b))
+        int g = (int)(rest % s.G), b = (int)(rest / s.G / s.T), t = (int)(rest / s.G % s.T);
+        if (skip_fixed && paper_fixed(blk, t, s.b))
             continue;
-        atomicAdd(&counts[((size_t)b * s.G + g) * s.nb + blk], 1);
+        atomicAdd(&counts[sel_key_of<CHUNKED>(s, b, t, g, blk, chunk)], 1);
     }
 }
 
@@ -441,8 +452,9 @@ __global__ void sel_scan_kernel(int *offsets, int *cursor, const int *counts, in
         offsets[n] = carry;
 }
 
+template <bool CHUNKED>
 __global__ void sel_fill_kernel(int *lists, int *cursor, const int32_t *idx, attn_shape s,
-                                int skip_fixed)
+                                int skip_fixed, int chunk)
 {
     size_t n = (size_t)s.B * s.T * s.G * s.n;
     for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n;
@@ -456,9 +468,18 @@ __global__ void sel_fill_kernel(int *lists, int *cursor, const int32_t *idx, att
         int t = (int)(rest % s.T), b = (int)(rest / s.T);
         if (skip_fixed && paper_fixed(blk, t, s.b))
             continue;
-        int pos = atomicAdd(&cursor[((size_t)b * s.G + g) * s.nb + blk], 1);
+        int pos = atomicAdd(&cursor[sel_key_of<CHUNKED>(s, b, t, g, blk, chunk)], 1);
         lists[pos] = t;
     }
+}
+
+// The key of each work item of the chunked index (item_start: the scan of the items a key).
+__global__ void sel_item_keys_kernel(int *item_key, const int *item_start, int n_keys)
+{
+    for (int key = blockIdx.x * blockDim.x + threadIdx.x; key < n_keys;
+         key += gridDim.x * blockDim.x)
+        for (int i = item_start[key]; i < item_start[key + 1]; i++)
+            item_key[i] = key;
 }
 
 // Work items of the selected key-centric pass: ceil(count / split) per (b, g, block).
@@ -468,17 +489,47 @@ __global__ void sel_items_kernel(int *items, const int *counts, int n_keys, int 
         items[i] = (counts[i] + split - 1) / split;
 }
 
-size_t nsa__cuda_sel_ws_ints(const attn_shape &s)
+// Keys of the index (see sel_key_of), selections, and the ints from which the chunked
+// index's scan workspace starts (256-byte aligned from ws).
+static size_t sel_keys(const attn_shape &s, int chunk)
 {
-    size_t n_keys = (size_t)s.B * s.G * s.nb, n_entries = (size_t)s.B * s.T * s.G * s.n;
-    return 5 * (n_keys + 1) + n_entries;
+    size_t nch = chunk > 0 ? ((size_t)s.T + chunk - 1) / chunk : 1;
+    return (size_t)s.B * nch * s.G * s.nb;
+}
+// (chunked: after the lists, item_key of at most n_entries items, one entry at least each)
+static size_t sel_scan_at(const attn_shape &s, int chunk)
+{
+    size_t n_entries = (size_t)s.B * s.T * s.G * s.n;
+    return (5 * (sel_keys(s, chunk) + 1) + 2 * n_entries + 63) / 64 * 64;
+}
+
+size_t nsa__cuda_sel_ws_ints(const attn_shape &s, int chunk)
+{
+    size_t n_keys = sel_keys(s, chunk), n_entries = (size_t)s.B * s.T * s.G * s.n;
+    if (chunk <= 0)
+        return 5 * (n_keys + 1) + n_entries;
+    return sel_scan_at(s, chunk) + (nsa__cuda_scan_ws_bytes(n_keys + 1) + sizeof(int) - 1) / sizeof(int);
+}
+
+// Work items of the chunked index at most: one for each (b, chunk, g, block) a position of
+// the chunk can see (its lists' cuts at split_pos positions add n_entries / split_pos).
+static size_t sel_chunked_keys_seen(const attn_shape &s, int chunk)
+{
+    size_t seen = 0;
+    for (int t0 = 0; t0 < s.T; t0 += chunk) {
+        int t1 = t0 + chunk < s.T ? t0 + chunk : s.T; // positions t0 .. t1 - 1 see blocks
+        size_t vis = (size_t)(t1 - 1) / s.b + 1;   // 0 .. (t1 - 1) / b
+        size_t picks = (size_t)(t1 - t0) * s.n;
+        seen += vis < picks ? vis : picks;
+    }
+    return seen * s.B * s.G;
 }
 
 nsa_status nsa__cuda_sel_lists(nsa_context *ctx, const attn_shape &s, const int32_t *idx,
-                               int *ws, int split_pos, sel_index *out, int skip_fixed)
+                               int *ws, int split_pos, sel_index *out, int skip_fixed, int chunk)
 {
     cudaStream_t st = nsa__cuda_stream(ctx);
-    size_t n_keys = (size_t)s.B * s.G * s.nb, n_entries = (size_t)s.B * s.T * s.G * s.n;
+    size_t n_keys = sel_keys(s, chunk), n_entries = (size_t)s.B * s.T * s.G * s.n;
     if (n_keys + 1 > (size_t)INT32_MAX || n_entries > (size_t)INT32_MAX)
         return nsa__error(NSA_ERR_UNSUPPORTED, "cuda attention backward: %zu selections: too many",
                           n_entries);
@@ -486,23 +537,49 @@ nsa_status nsa__cuda_sel_lists(nsa_context *ctx, const attn_shape &s, const int3
     int *items = cursor + n_keys + 1, *item_start = items + n_keys + 1;
     int *lists = item_start + n_keys + 1;
     NSA_CUDA_TRY(cudaMemsetAsync(counts, 0, (n_keys + 1) * sizeof(int), st));
-    sel_count_kernel<<<nsa__cuda_blocks(n_entries, 256), 256, 0, st>>>(counts, idx, s,
-                                                                       skip_fixed);
+    unsigned eblocks = nsa__cuda_blocks(n_entries, 256);
+    if (chunk > 0)
+        sel_count_kernel<true><<<eblocks, 256, 0, st>>>(counts, idx, s, skip_fixed, chunk);
+    else
+        sel_count_kernel<false><<<eblocks, 256, 0, st>>>(counts, idx, s, skip_fixed, 0);
     NSA_CUDA_LAUNCHED("sel_count_kernel");
-    sel_scan_kernel<<<1, 1024, 0, st>>>(offsets, cursor, counts, (int)n_keys);
-    NSA_CUDA_LAUNCHED("sel_scan_kernel");
-    sel_fill_kernel<<<nsa__cuda_blocks(n_entries, 256), 256, 0, st>>>(lists, cursor, idx, s,
-                                                                      skip_fixed);
+    // (the chunked index has B T / chunk times as many keys: a device-wide scan)
+    auto scan = [&](int *dst, const int *src) -> nsa_status { // dst[0 .. n_keys] (src[n_keys] = 0)
+        if (chunk > 0)
+            return nsa__cuda_scan_ints(ctx, dst, src, n_keys + 1, ws + sel_scan_at(s, chunk),
+                                       nsa__cuda_scan_ws_bytes(n_keys + 1));
+        sel_scan_kernel<<<1, 1024, 0, st>>>(dst, cursor, src, (int)n_keys);
+        NSA_CUDA_LAUNCHED("sel_scan_kernel");
+        return NSA_OK;
+    };
+    NSA_TRY(scan(offsets, counts));
+    if (chunk > 0)
+        NSA_CUDA_TRY(cudaMemcpyAsync(cursor, offsets, n_keys * sizeof(int),
+                                     cudaMemcpyDeviceToDevice, st));
+    if (chunk > 0)
+        sel_fill_kernel<true><<<eblocks, 256, 0, st>>>(lists, cursor, idx, s, skip_fixed, chunk);
+    else
+        sel_fill_kernel<false><<<eblocks, 256, 0, st>>>(lists, cursor, idx, s, skip_fixed, 0);
     NSA_CUDA_LAUNCHED("sel_fill_kernel");
     sel_items_kernel<<<nsa__cuda_blocks(n_keys, 256), 256, 0, st>>>(items, counts, (int)n_keys,
                                                                     split_pos);
     NSA_CUDA_LAUNCHED("sel_items_kernel");
-    sel_scan_kernel<<<1, 1024, 0, st>>>(item_start, cursor, items, (int)n_keys);
-    NSA_CUDA_LAUNCHED("sel_scan_kernel");
+    if (chunk > 0)
+        NSA_CUDA_TRY(cudaMemsetAsync(items + n_keys, 0, sizeof(int), st));
+    NSA_TRY(scan(item_start, items));
+    out->item_key = NULL;
+    if (chunk > 0) {
+        int *item_key = lists + n_entries;
+        sel_item_keys_kernel<<<nsa__cuda_blocks(n_keys, 256), 256, 0, st>>>(item_key, item_start,
+                                                                          (int)n_keys);
+        NSA_CUDA_LAUNCHED("sel_item_keys_kernel");
+        out->item_key = item_key;
+    }
     out->offsets = offsets;
     out->lists = lists;
     out->item_start = item_start;
-    out->max_items = n_entries / (size_t)split_pos + n_keys;
+    out->max_items = n_entries / (size_t)split_pos +
+                     (chunk > 0 ? sel_chunked_keys_seen(s, chunk) : n_keys);
     if (out->max_items > INT32_MAX)
         return nsa__error(NSA_ERR_UNSUPPORTED, "cuda attention backward: too many work items");
     return NSA_OK;

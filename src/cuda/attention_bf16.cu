@@ -969,7 +969,7 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
     // (attention_bf16_slc_kc.cu), under the same conditions and where a block is one key
     // tile (a 64-row tile then holds whole positions); by default a warp a position
     if (cs->slc_kc && !cs->bf16_slc_union && slc_kc_covers(cs, s))
-        kv_bytes = bytes_if_half_free(nsa__cuda_slc_kc_scratch_bytes(s, cs->slc_kc));
+        kv_bytes = bytes_if_half_free(nsa__cuda_slc_kc_scratch_bytes(s, cs->slc_kc, cs->kc_chunk));
     if (s.hpg % 16 == 0 && kv_bytes)
         kc_mode = cs->slc_kc;
     size_t main_bytes = (n_ocmp + n_lse + n_sel) * sizeof(float);

@@ -992,6 +992,126 @@ static __device__ __forceinline__ int warp_slot_of(const int32_t *sel, int n, in
     return -1;
 }
 
+// The entries of sel[n] that name a block (>= 0); every lane gets the count.
+static __device__ __forceinline__ int warp_count_valid(const int32_t *sel, int n, int lane)
+{
+    int c = 0;
+    for (int i0 = 0; i0 < n; i0 += 32)
+        c += __popc(__ballot_sync(0xffffffffu, i0 + lane < n && sel[i0 + lane] >= 0));
+    return c;
+}
+
+// Four columns of a partial row as floats. CG: through L2 only (ld.global.cg), for partials
+// other thread blocks wrote during the same kernel (L1 is not coherent).
+template <bool CG> static __device__ __forceinline__ float4 part4(const float *p)
+{
+    return CG ? __ldcg(reinterpret_cast<const float4 *>(p))
+              : *reinterpret_cast<const float4 *>(p);
+}
+template <bool CG> static __device__ __forceinline__ float4 part4(const bf16 *p)
+{
+    uint2 u = CG ? __ldcg(reinterpret_cast<const uint2 *>(p)) : *reinterpret_cast<const uint2 *>(p);
+    float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
+    float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
+    return make_float4(a.x, a.y, b.x, b.y);
+}
+template <bool CG> static __device__ __forceinline__ float part1(const float *p)
+{
+    return CG ? __ldcg(p) : *p;
+}
+
+// What the merge of a row's selected-path partials writes and reads besides them: out = g0
+// o_cmp + g1 o_slc + g2 o_win, o_slc (when kept), lse slot 1 (when kept).
+struct slc_sum_io {
+    float *out, *o_slc, *lse3;
+    const float *o_cmp, *o_win, *gates;
+};
+
+// One warp merges row `row`'s partials by their lse (slots of unused entries skipped: their
+// partials were never written), then writes lse slot 1, o_slc and the gated sum. Lanes hold
+// the slots' weights (32 slots at a time) and 4 consecutive columns each. Partials P (float
+// or bf16) of (row, slot): at row * n + slot (LAYOUT 0, attention_bf16_slc_kv.cu), or at
+// (((b T + t) G + g) ns + slot) hpg + hh, a position's heads side by side
+// (attention_bf16_slc_kc.cu): LAYOUT 1 ns = n; LAYOUT 2 ns = n + 1, slot n holding the
+// paper's fixed blocks together (the warp kernel's partial) and the slots of the fixed blocks
+// unused. part_lse likewise, o at that index times d. CG: partials loaded through L2 only.
+template <class P, int LAYOUT, bool CG>
+static __device__ __forceinline__ void slc_combine_row(size_t row, int lane, const slc_sum_io &io,
+                                                       const P *part_o, const float *part_lse,
+                                                       const int32_t *idx, const attn_shape &s)
+{
+    int h = (int)(row % s.H);
+    size_t bt = row / s.H; // b * T + t
+    const int32_t *sel = idx + (bt * s.G + h / s.hpg) * s.n;
+    // partial of slot i < ns: base + i * sstride; used(i): written
+    int ns = s.n + (LAYOUT == 2), t = (int)(bt % s.T);
+    size_t base = LAYOUT ? (bt * s.G + h / s.hpg) * ns * s.hpg + h % s.hpg : row * s.n;
+    size_t sstride = LAYOUT ? (size_t)s.hpg : 1;
+    auto used = [&](int i) {
+        return i == s.n || (sel[i] >= 0 && (LAYOUT != 2 || !paper_fixed(sel[i], t, s.b)));
+    };
+    float mx = -INFINITY;
+    for (int i = lane; i < ns; i += 32)
+        if (used(i))
+            mx = fmaxf(mx, part1<CG>(part_lse + base + i * sstride));
+    mx = warp_max(mx);
+    float wsum = 0.0f;
+    if (mx > -INFINITY)
+        for (int i = lane; i < ns; i += 32)
+            if (used(i))
+                wsum += __expf(part1<CG>(part_lse + base + i * sstride) - mx);
+    wsum = warp_sum(wsum);
+    float lse = mx > -INFINITY ? mx + __logf(wsum) : -INFINITY;
+    if (io.lse3 && lane == 0)
+        io.lse3[row * 3 + 1] = lse;
+    float g0 = io.gates[row * 3 + 0], g1 = io.gates[row * 3 + 1], g2 = io.gates[row * 3 + 2];
+    for (int c0 = 0; c0 < s.d; c0 += 128) { // every lane runs the shuffles
+        int c = c0 + 4 * lane;
+        bool on = c < s.d;
+        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int i0 = 0; i0 < ns; i0 += 32) {
+            int i = i0 + lane;
+            float w = i < ns && used(i) && lse > -INFINITY
+                          ? __expf(part1<CG>(part_lse + base + i * sstride) - lse)
+                          : 0.0f;
+            int cnt = min(32, ns - i0);
+            // eight slots' loads in flight at a time, then their sum in slot order
+            for (int j0 = 0; j0 < cnt; j0 += 8) {
+                float wj[8];
+                float4 x[8];
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    int j = j0 + u; // (< 32; lanes past the chunk hold w = 0)
+                    wj[u] = __shfl_sync(0xffffffffu, w, j);
+                    if (!on) // unused slot (never written), no weight, or past d
+                        wj[u] = 0.0f;
+                    x[u] = wj[u] != 0.0f
+                               ? part4<CG>(part_o + (base + (size_t)(i0 + j) * sstride) * s.d + c)
+                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                }
+#pragma unroll
+                for (int u = 0; u < 8; u++)
+                    if (wj[u] != 0.0f) {
+                        acc.x += wj[u] * x[u].x;
+                        acc.y += wj[u] * x[u].y;
+                        acc.z += wj[u] * x[u].z;
+                        acc.w += wj[u] * x[u].w;
+                    }
+            }
+        }
+        if (!on)
+            continue;
+        size_t at = row * s.d + c;
+        if (io.o_slc)
+            *reinterpret_cast<float4 *>(io.o_slc + at) = acc;
+        float4 oc = *reinterpret_cast<const float4 *>(io.o_cmp + at);
+        float4 ow = *reinterpret_cast<const float4 *>(io.o_win + at);
+        *reinterpret_cast<float4 *>(io.out + at) =
+            make_float4(g0 * oc.x + g1 * acc.x + g2 * ow.x, g0 * oc.y + g1 * acc.y + g2 * ow.y,
+                        g0 * oc.z + g1 * acc.z + g2 * ow.z, g0 * oc.w + g1 * acc.w + g2 * ow.w);
+    }
+}
+
 // Stores the 16 rows row0 .. row0 + 15 of an m-tile's o (C fragments, DP columns) as fp32
 // into dst rows ([rows][d]); t[r] < 0 marks rows past the end, row[r] their index.
 template <int DP>
@@ -1104,12 +1224,13 @@ nsa_status nsa__cuda_slc_kv_forward(nsa_context *ctx, const attn_shape &s, void 
 // fp32 when fp32; (row, slot) at row * n + slot (layout 0: fp32 only), or at
 // (((b T + t) G + g) ns + slot) hpg + hh (part_lse the same, part_o times d) with ns = n
 // (layout 1) or n + 1 (layout 2: bf16 only; slot n holds the paper's fixed blocks
-// together, their own slots are not read). Slots with idx < 0 are never read.
+// together, their own slots are not read). Slots with idx < 0 are never read. empty_only
+// (bf16, layout 1): only the rows whose selection holds no block.
 nsa_status nsa__cuda_slc_combine(nsa_context *ctx, const attn_shape &s, float *out,
                                  float *o_slc, float *lse3, const float *o_cmp,
                                  const float *o_win, const float *gates, const void *part_o,
                                  int fp32, int layout, const float *part_lse,
-                                 const int32_t *idx);
+                                 const int32_t *idx, int empty_only = 0);
 // The paper's fixed blocks of every position by the warp-per-position kernel (H/G a multiple
 // of 16, fixed selection, Tq = T): one bf16 partial a row (o normalised, lse) into slot n of
 // part / part_lse, laid out as layout 2 of nsa__cuda_slc_combine (ns = n + 1 slots). idx:
@@ -1122,8 +1243,9 @@ nsa_status nsa__cuda_slc_fixed_partials(nsa_context *ctx, const attn_shape &s, v
 // with TMA, block_size <= 64, training shapes (Tq = T)
 // (attention_bf16_slc_kc.cu; NSA_CUDA_SLC_KC = mode: 1 bf16 partials, 2 fp32, 3 bf16 with
 // two row stages and three blocks a SM, 4 bf16 with the paper's fixed blocks by the warp
-// kernel). scratch holds nsa__cuda_slc_kc_scratch_bytes(s, mode).
-size_t nsa__cuda_slc_kc_scratch_bytes(const attn_shape &s, int mode);
+// kernel, 5 as 3 over chunks of `chunk` positions, merged in the kernel). scratch holds
+// nsa__cuda_slc_kc_scratch_bytes(s, mode, chunk) (chunk: the context's kc_chunk).
+size_t nsa__cuda_slc_kc_scratch_bytes(const attn_shape &s, int mode, int chunk);
 // Whether those kernels cover the call (the shape and the code the driver loaded).
 static inline bool slc_kc_covers(const nsa__cuda_state *cs, const attn_shape &s)
 {

@@ -24,15 +24,29 @@
  * selection always holds them); this kernel's index leaves them out.
  * From bytes: 192 instead of 216 KB a position and kv head through HBM, 11% fewer.
  *
- *   bf16_slc_kc_kernel: part_o, part_lse   (then nsa__cuda_slc_combine: out, o_slc, lse3)
+ * Mode 5 (chunked, for sequences whose K and V stay in L2): the index is keyed by (chunk of
+ * positions, kv head, block) in that order, so the blocks of one chunk of positions run
+ * together and their partials are read back while still in L2; the thread block that
+ * writes a position's last partial (a counter a position and kv head) merges the position's
+ * rows after its tiles (the combine's row merge, partials loaded through L2), and no combine
+ * pass runs but for the rows whose selection holds no block. From bytes at 8k (all of K and
+ * V, 16 MB, in L2): ~3.5 KB of K/V, 4 KB of q and 8 KB of partials a (position, kv head,
+ * block), all through L2, against 32 KB for the warp kernel.
+ *
+ *   bf16_slc_kc_kernel: part_o, part_lse   (then nsa__cuda_slc_combine: out, o_slc, lse3;
+ *                       mode 5: out, o_slc, lse3 itself)
  */
 #include "cuda/attention_bf16.cuh"
 
+// Positions of a work item at most (64 tiles of 64 rows, one position at least 16 rows).
+#define KC_MAX_POS (64 * MB / 16)
+
 // Shared memory: the block's K and V, ST stages of a 64-row q tile (sw128 tiles), the
-// stages' full/empty barriers.
-template <int DP, int ST> static size_t slc_kc_smem_bytes()
+// stages' full/empty barriers; MERGE: the positions to merge and their count.
+template <int DP, int ST, bool MERGE> static size_t slc_kc_smem_bytes()
 {
-    return (2 + ST) * (size_t)NB * DP * sizeof(bf16) + 2 * ST * sizeof(uint64_t) + SMEM_ALIGN;
+    return (2 + ST) * (size_t)NB * DP * sizeof(bf16) + 2 * ST * sizeof(uint64_t) +
+           (MERGE ? (KC_MAX_POS + 1) * sizeof(int) : 0) + SMEM_ALIGN;
 }
 
 // One work item (dkv_work_of: the block w.key0 / b of kv head g, batch entry b, and up to
@@ -40,24 +54,36 @@ template <int DP, int ST> static size_t slc_kc_smem_bytes()
 // (one 5-D box a position and 64-column panel; slots past the list read position T, zeros)
 // and refills a stage once every thread has arrived on its `empty` barrier, which each
 // thread does as soon as its S = Q K^T is done (P V reads V alone).
-template <int DP, int ST, int MINB, int PT>
+// MERGE (bf16; the chunked index, nch chunks a batch entry): after its tiles the block
+// counts each of its positions at counts[(b T + t) G + g] (zero before the launch; one a
+// position and block it chose), and merges the rows of the positions whose count it
+// completes into io's outputs (one fence a thread and one atomic a position an item, not
+// one a tile: the count is a round trip to L2 that the warp would wait for).
+template <int DP, int ST, int MINB, int PT, bool MERGE>
 __global__ void __launch_bounds__(MMA_THREADS, MINB)
     bf16_slc_kc_kernel(void *part_o, float *part_lse, const bf16 *k, const bf16 *v,
                        const __grid_constant__ CUtensorMap tmq, const int32_t *idx,
                        const int *list_offsets, const int *lists, const int *item_start,
-                       int split, int ns, attn_shape s)
+                       const int *item_key, int split, int ns, int *counts, int nch,
+                       slc_sum_io io, attn_shape s)
 {
 #if NSA_WGMMA // (the host runs it where its probe found the sm_90a code: cuda_backend.cu)
+    static_assert(!MERGE || PT == 1, "the merge reads bf16 partials");
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int TE = NB * DP;
     bf16 *Ks = (bf16 *)smem_aligned(smem_raw), *Vs = Ks + TE, *Qs = Vs + TE;
     uint64_t *full = (uint64_t *)(Qs + ST * TE), *empty = full + ST;
+    int *mlist = (int *)(empty + ST), *mcount = mlist + KC_MAX_POS; // (MERGE)
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4;
 
     dkv_work w;
-    if (!dkv_work_of<PATH_SLC>(w, s, NB, list_offsets, lists, item_start, split))
+    attn_shape sk = s; // (the chunked index: batch entries b * nch + chunk)
+    sk.B = MERGE ? s.B * nch : s.B;
+    if (!dkv_work_of<PATH_SLC>(w, sk, NB, list_offsets, lists, item_start, split,
+                               MERGE ? item_key : NULL))
         return;
-    const int g = w.g, b = w.b, blk = w.key0 / s.b, cnt = w.key_end - w.key0;
+    const int g = w.g, b = MERGE ? w.b / nch : w.b, blk = w.key0 / s.b,
+              cnt = w.key_end - w.key0;
     const int ppt = MB / s.hpg; // positions a tile (1, 2 or 4: H/G divides 64)
     const int npos = (int)(w.rg_end / s.hpg), ntiles = (npos + ppt - 1) / ppt;
     size_t stride = (size_t)s.G * s.d, kbase = (size_t)b * s.T * stride + (size_t)g * s.d;
@@ -124,6 +150,8 @@ __global__ void __launch_bounds__(MMA_THREADS, MINB)
         }
     };
 
+    if (MERGE && threadIdx.x == 0)
+        *mcount = 0;
     mbar_init_pipe<ST>(full, MMA_THREADS); // empty = full + ST
     __syncthreads();
     if (threadIdx.x < 32) // (while K and V arrive)
@@ -133,40 +161,67 @@ __global__ void __launch_bounds__(MMA_THREADS, MINB)
     fence_async_smem();
     __syncthreads();
     row_stream<ST>(full, empty, ntiles, issue, [&](int it) { step(Qs + (it % ST) * TE, it); });
+    if (MERGE) {
+        __threadfence(); // this thread's partial stores, before the counts
+        __syncthreads();
+        __threadfence(); // (and the block's, which the barrier ordered before this thread)
+        for (int p = threadIdx.x; p < npos; p += MMA_THREADS) {
+            int t = w.list[p], nvalid = 0;
+            const int32_t *sel = idx + (((size_t)b * s.T + t) * s.G + g) * s.n;
+            for (int i = 0; i < s.n; i++)
+                nvalid += sel[i] >= 0;
+            if (atomicAdd(counts + ((size_t)b * s.T + t) * s.G + g, 1) == nvalid - 1) {
+                __threadfence(); // (the other blocks' partials before the merge reads them)
+                mlist[atomicAdd(mcount, 1)] = t;
+            }
+        }
+        // a warp a row of the positions this block completed
+        __syncthreads();
+        int nrows = *mcount * s.hpg;
+        __threadfence();
+        for (int e = warp; e < nrows; e += MMA_THREADS / 32) {
+            size_t row = ((size_t)b * s.T + mlist[e / s.hpg]) * s.H + (size_t)g * s.hpg + e % s.hpg;
+            slc_combine_row<bf16, 1, true>(row, lane, io, (const bf16 *)part_o, part_lse, idx, s);
+        }
+    }
 #endif
 }
 
 // The scratch of a mode: partial o (bf16; fp32 in mode 2) and lse of ns slots a row (n + 1
-// in mode 4 with the fixed selection, the fixed blocks' partial in slot n), then the
-// inverted index's workspace.
+// in mode 4 with the fixed selection, the fixed blocks' partial in slot n), in mode 5 the
+// counters of (position, kv head), then the inverted index's workspace (mode 5: chunks of
+// `chunk` positions).
 struct kc_parts {
     void *o;
     float *lse;
-    int *ws;
-    int ns, fix;
+    int *counts, *ws;
+    int ns, fix, chunk;
     size_t bytes; // in all
 };
 
-static kc_parts kc_parts_of(const attn_shape &s, int mode, void *scratch)
+static kc_parts kc_parts_of(const attn_shape &s, int mode, int chunk, void *scratch)
 {
     kc_parts p;
     // (mode 4 without the fixed selection: mode 1; n >= 3 holds all three fixed blocks)
     p.fix = mode == 4 && s.fixed && s.n >= 3;
     p.ns = s.n + p.fix; // (the combine's layout 2 when fix, 1 otherwise)
+    p.chunk = mode == 5 ? chunk : 0;
     size_t parts = (size_t)s.B * s.T * s.H * p.ns;
     size_t lse_at = nsa__align256(parts * s.d * (mode == 2 ? sizeof(float) : sizeof(bf16)));
-    size_t ws_at = lse_at + nsa__align256(parts * sizeof(float));
-    p.bytes = ws_at + nsa__cuda_sel_ws_ints(s) * sizeof(int);
+    size_t cnt_at = lse_at + nsa__align256(parts * sizeof(float));
+    size_t ws_at = cnt_at + (p.chunk ? nsa__align256((size_t)s.B * s.T * s.G * sizeof(int)) : 0);
+    p.bytes = ws_at + nsa__cuda_sel_ws_ints(s, p.chunk) * sizeof(int);
     char *mem = (char *)scratch;
     p.o = mem;
     p.lse = mem ? (float *)(mem + lse_at) : NULL;
+    p.counts = mem && p.chunk ? (int *)(mem + cnt_at) : NULL;
     p.ws = mem ? (int *)(mem + ws_at) : NULL;
     return p;
 }
 
-size_t nsa__cuda_slc_kc_scratch_bytes(const attn_shape &s, int mode)
+size_t nsa__cuda_slc_kc_scratch_bytes(const attn_shape &s, int mode, int chunk)
 {
-    return kc_parts_of(s, mode, NULL).bytes;
+    return kc_parts_of(s, mode, chunk, NULL).bytes;
 }
 
 // NSA_ERR_UNSUPPORTED where slc_kc_covers does not hold (the forward's gate checks it).
@@ -186,7 +241,7 @@ nsa_status nsa__cuda_slc_kc_fixed(nsa_context *ctx, const attn_shape &s, int mod
                                   void *scratch, const bf16 *q, const bf16 *k, const bf16 *v,
                                   const int32_t *given_idx)
 {
-    kc_parts p = kc_parts_of(s, mode, scratch);
+    kc_parts p = kc_parts_of(s, mode, nsa__cuda(ctx)->kc_chunk, scratch);
     if (!p.fix)
         return NSA_OK;
     NSA_TRY(kc_covered(ctx, s));
@@ -194,27 +249,33 @@ nsa_status nsa__cuda_slc_kc_fixed(nsa_context *ctx, const attn_shape &s, int mod
 }
 
 // The blocks outside the fixed ones (all of them, but in mode 4 with the fixed selection)
-// by key blocks outside, then the combine.
-template <int DP, int ST, int MINB, int PT>
+// by key blocks outside, then the combine (MERGE: the kernel merges; the combine takes the
+// rows without blocks).
+template <int DP, int ST, int MINB, int PT, bool MERGE>
 static nsa_status slc_kc_dp(nsa_context *ctx, const attn_shape &s, const kc_parts &p,
                             float *out, float *o_slc, float *lse3, const float *o_cmp,
                             const float *o_win, const bf16 *q, const bf16 *k, const bf16 *v,
                             const float *gates, const int32_t *idx)
 {
+    cudaStream_t st = nsa__cuda_stream(ctx);
     // work items of up to 64 tiles (the selected dk/dv kernel's split)
-    int split_pos = 64 * MB / s.hpg;
+    int split_pos = 64 * MB / s.hpg, nch = MERGE ? (s.T + p.chunk - 1) / p.chunk : 1;
     sel_index si;
-    NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, p.ws, split_pos, &si, p.fix));
+    NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, p.ws, split_pos, &si, p.fix, MERGE ? p.chunk : 0));
+    if (MERGE)
+        NSA_CUDA_TRY(cudaMemsetAsync(p.counts, 0, (size_t)s.B * s.T * s.G * sizeof(int), st));
     CUtensorMap tmq;
     NSA_TRY(nsa__cuda_tensor_map_rows(ctx, &tmq, q, s.B, s.T, s.G, s.hpg, s.d, 1));
-    auto kernel = bf16_slc_kc_kernel<DP, ST, MINB, PT>;
-    size_t bytes = slc_kc_smem_bytes<DP, ST>();
+    auto kernel = bf16_slc_kc_kernel<DP, ST, MINB, PT, MERGE>;
+    size_t bytes = slc_kc_smem_bytes<DP, ST, MERGE>();
     NSA_TRY(slcw_prepare(ctx, kernel, bytes)); // (and the carveout for MINB blocks a SM)
-    kernel<<<dim3((unsigned)si.max_items, 1, 1), MMA_THREADS, bytes, nsa__cuda_stream(ctx)>>>(
-        p.o, p.lse, k, v, tmq, idx, si.offsets, si.lists, si.item_start, split_pos, p.ns, s);
+    slc_sum_io io = {out, o_slc, lse3, o_cmp, o_win, gates};
+    kernel<<<dim3((unsigned)si.max_items, 1, 1), MMA_THREADS, bytes, st>>>(
+        p.o, p.lse, k, v, tmq, idx, si.offsets, si.lists, si.item_start, si.item_key, split_pos,
+        p.ns, p.counts, nch, io, s);
     NSA_CUDA_LAUNCHED("bf16_slc_kc_kernel");
     return nsa__cuda_slc_combine(ctx, s, out, o_slc, lse3, o_cmp, o_win, gates, p.o, PT == 2,
-                                 p.fix ? 2 : 1, p.lse, idx);
+                                 p.fix ? 2 : 1, p.lse, idx, MERGE);
 }
 
 nsa_status nsa__cuda_slc_kc_forward(nsa_context *ctx, const attn_shape &s, int mode,
@@ -224,17 +285,17 @@ nsa_status nsa__cuda_slc_kc_forward(nsa_context *ctx, const attn_shape &s, int m
                                     const int32_t *idx)
 {
     NSA_TRY(kc_covered(ctx, s));
-    kc_parts p = kc_parts_of(s, mode, scratch);
+    kc_parts p = kc_parts_of(s, mode, nsa__cuda(ctx)->kc_chunk, scratch);
     nsa__cuda(ctx)->slc_kind[0] = NSA_SLC_KC + (p.fix ? 4 : mode == 4 ? 1 : mode);
+#define KC_ARGS ctx, s, p, out, o_slc, lse3, o_cmp, o_win, q, k, v, gates, idx
 #define KC_RUN(DP)                                                                              \
-    (mode == 2   ? slc_kc_dp<DP, 4, 2, 2>(ctx, s, p, out, o_slc, lse3, o_cmp, o_win, q, k, v,     \
-                                        gates, idx)                                             \
-     : mode == 3 ? slc_kc_dp<DP, 2, 3, 1>(ctx, s, p, out, o_slc, lse3, o_cmp, o_win, q, k, v,     \
-                                          gates, idx)                                           \
-                 : slc_kc_dp<DP, 4, 2, 1>(ctx, s, p, out, o_slc, lse3, o_cmp, o_win, q, k, v,     \
-                                          gates, idx))
+    (mode == 2   ? slc_kc_dp<DP, 4, 2, 2, false>(KC_ARGS)                                         \
+     : mode == 3 ? slc_kc_dp<DP, 2, 3, 1, false>(KC_ARGS)                                         \
+     : mode == 5 ? slc_kc_dp<DP, 2, 3, 1, true>(KC_ARGS)                                          \
+                 : slc_kc_dp<DP, 4, 2, 1, false>(KC_ARGS))
     if (s.d <= 64)
         return KC_RUN(64);
     return KC_RUN(128);
 #undef KC_RUN
+#undef KC_ARGS
 }

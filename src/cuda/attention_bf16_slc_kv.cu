@@ -127,107 +127,22 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 }
 
 // Four columns c .. c + 3 of a partial, fp32 or bf16.
-static __device__ __forceinline__ float4 part4(const float *p)
-{
-    return *reinterpret_cast<const float4 *>(p);
-}
-static __device__ __forceinline__ float4 part4(const bf16 *p)
-{
-    uint2 u = *reinterpret_cast<const uint2 *>(p);
-    float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
-    float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
-    return make_float4(a.x, a.y, b.x, b.y);
-}
-
-// One warp per row: the row's partials merged by their lse (slots of unused entries skipped:
-// their partials were never written), then lse slot 1, o_slc (when kept) and the gated sum.
-// Lanes hold the slots' weights (32 slots at a time) and 4 consecutive columns each.
-// Partials P (float or bf16) of (row, slot): at row * n + slot (LAYOUT 0, this file's
-// kernel), or at (((b T + t) G + g) ns + slot) hpg + hh, a position's heads side by side
-// (attention_bf16_slc_kc.cu): LAYOUT 1 ns = n; LAYOUT 2 ns = n + 1, slot n holding the
-// paper's fixed blocks together (the warp kernel's partial) and the slots of the fixed blocks
-// unused. part_lse likewise, o at that index times d.
+// One warp per row: slc_combine_row (attention_bf16.cuh). EMPTY_ONLY: only the rows whose
+// selection holds no block (NSA_CUDA_SLC_KC=5 merges the others as their partials complete).
 // (three blocks a SM: 80 registers, no spills; 24 warps with eight loads each in flight)
-template <class P, int LAYOUT>
+template <class P, int LAYOUT, bool EMPTY_ONLY>
 __global__ void __launch_bounds__(256, 3)
-    bf16_slc_combine_kernel(float *out, float *o_slc, float *lse3, const float *o_cmp,
-                            const float *o_win, const float *gates, const P *part_o,
-                            const float *part_lse, const int32_t *idx, attn_shape s)
+    bf16_slc_combine_kernel(slc_sum_io io, const P *part_o, const float *part_lse,
+                            const int32_t *idx, attn_shape s)
 {
     int lane = threadIdx.x % 32;
     size_t rows = (size_t)s.B * s.T * s.H, nwarps = (size_t)gridDim.x * blockDim.x / 32;
     for (size_t row = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32; row < rows;
          row += nwarps) {
-        int h = (int)(row % s.H);
-        size_t bt = row / s.H; // b * T + t
-        const int32_t *sel = idx + (bt * s.G + h / s.hpg) * s.n;
-        // partial of slot i < ns: base + i * sstride; used(i): written
-        int ns = s.n + (LAYOUT == 2), t = (int)(bt % s.T);
-        size_t base = LAYOUT ? (bt * s.G + h / s.hpg) * ns * s.hpg + h % s.hpg : row * s.n;
-        size_t sstride = LAYOUT ? (size_t)s.hpg : 1;
-        auto used = [&](int i) {
-            return i == s.n || (sel[i] >= 0 && (LAYOUT != 2 || !paper_fixed(sel[i], t, s.b)));
-        };
-        float mx = -INFINITY;
-        for (int i = lane; i < ns; i += 32)
-            if (used(i))
-                mx = fmaxf(mx, part_lse[base + i * sstride]);
-        mx = warp_max(mx);
-        float wsum = 0.0f;
-        if (mx > -INFINITY)
-            for (int i = lane; i < ns; i += 32)
-                if (used(i))
-                    wsum += __expf(part_lse[base + i * sstride] - mx);
-        wsum = warp_sum(wsum);
-        float lse = mx > -INFINITY ? mx + __logf(wsum) : -INFINITY;
-        if (lse3 && lane == 0)
-            lse3[row * 3 + 1] = lse;
-        float g0 = gates[row * 3 + 0], g1 = gates[row * 3 + 1], g2 = gates[row * 3 + 2];
-        for (int c0 = 0; c0 < s.d; c0 += 128) { // every lane runs the shuffles
-            int c = c0 + 4 * lane;
-            bool on = c < s.d;
-            float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            for (int i0 = 0; i0 < ns; i0 += 32) {
-                int i = i0 + lane;
-                float w = i < ns && used(i) && lse > -INFINITY
-                              ? __expf(part_lse[base + i * sstride] - lse)
-                              : 0.0f;
-                int cnt = min(32, ns - i0);
-                // eight slots' loads in flight at a time, then their sum in slot order
-                for (int j0 = 0; j0 < cnt; j0 += 8) {
-                    float wj[8];
-                    float4 x[8];
-#pragma unroll
-                    for (int u = 0; u < 8; u++) {
-                        int j = j0 + u; // (< 32; lanes past the chunk hold w = 0)
-                        wj[u] = __shfl_sync(0xffffffffu, w, j);
-                        if (!on) // unused slot (never written), no weight, or past d
-                            wj[u] = 0.0f;
-                        x[u] = wj[u] != 0.0f
-                                   ? part4(part_o + (base + (size_t)(i0 + j) * sstride) * s.d + c)
-                                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                    }
-#pragma unroll
-                    for (int u = 0; u < 8; u++)
-                        if (wj[u] != 0.0f) {
-                            acc.x += wj[u] * x[u].x;
-                            acc.y += wj[u] * x[u].y;
-                            acc.z += wj[u] * x[u].z;
-                            acc.w += wj[u] * x[u].w;
-                        }
-                }
-            }
-            if (!on)
-                continue;
-            size_t at = row * s.d + c;
-            if (o_slc)
-                *reinterpret_cast<float4 *>(o_slc + at) = acc;
-            float4 oc = *reinterpret_cast<const float4 *>(o_cmp + at);
-            float4 ow = *reinterpret_cast<const float4 *>(o_win + at);
-            *reinterpret_cast<float4 *>(out + at) =
-                make_float4(g0 * oc.x + g1 * acc.x + g2 * ow.x, g0 * oc.y + g1 * acc.y + g2 * ow.y,
-                            g0 * oc.z + g1 * acc.z + g2 * ow.z, g0 * oc.w + g1 * acc.w + g2 * ow.w);
-        }
+        if (EMPTY_ONLY &&
+            warp_count_valid(idx + (row / s.H * s.G + row % s.H / s.hpg) * s.n, s.n, lane) > 0)
+            continue;
+        slc_combine_row<P, LAYOUT, false>(row, lane, io, part_o, part_lse, idx, s);
     }
 }
 
@@ -235,25 +150,29 @@ nsa_status nsa__cuda_slc_combine(nsa_context *ctx, const attn_shape &s, float *o
                                  float *o_slc, float *lse3, const float *o_cmp,
                                  const float *o_win, const float *gates, const void *part_o,
                                  int fp32, int layout, const float *part_lse,
-                                 const int32_t *idx)
+                                 const int32_t *idx, int empty_only)
 {
     size_t rows = (size_t)s.B * s.T * s.H;
     unsigned blocks = nsa__cuda_blocks(rows * 32, 256);
     cudaStream_t st = nsa__cuda_stream(ctx);
-#define COMBINE(P, LAYOUT)                                                                    \
-    bf16_slc_combine_kernel<P, LAYOUT><<<blocks, 256, 0, st>>>(                                 \
-        out, o_slc, lse3, o_cmp, o_win, gates, (const P *)part_o, part_lse, idx, s)
-    if (fp32 ? layout == 2 : layout == 0) // (the forms in use: fp32 0 and 1, bf16 1 and 2)
-        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda bf16 combine: %s partials in layout %d",
-                          fp32 ? "fp32" : "bf16", layout);
-    if (fp32 && layout == 0)
-        COMBINE(float, 0);
+    slc_sum_io io = {out, o_slc, lse3, o_cmp, o_win, gates};
+#define COMBINE(P, LAYOUT, EMPTY)                                                             \
+    bf16_slc_combine_kernel<P, LAYOUT, EMPTY>                                                 \
+        <<<blocks, 256, 0, st>>>(io, (const P *)part_o, part_lse, idx, s)
+    // (the forms in use: fp32 0 and 1, bf16 1 and 2; rows without blocks alone: bf16 1)
+    if ((fp32 ? layout == 2 : layout == 0) || (empty_only && (fp32 || layout != 1)))
+        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda bf16 combine: %s partials in layout %d%s",
+                          fp32 ? "fp32" : "bf16", layout, empty_only ? ", empty rows" : "");
+    if (empty_only)
+        COMBINE(bf16, 1, true);
+    else if (fp32 && layout == 0)
+        COMBINE(float, 0, false);
     else if (fp32)
-        COMBINE(float, 1);
+        COMBINE(float, 1, false);
     else if (layout == 2)
-        COMBINE(bf16, 2);
+        COMBINE(bf16, 2, false);
     else
-        COMBINE(bf16, 1);
+        COMBINE(bf16, 1, false);
 #undef COMBINE
     NSA_CUDA_LAUNCHED("bf16_slc_combine_kernel");
     return NSA_OK;
@@ -341,7 +260,7 @@ __global__ void bf16_dq_slc_add_kernel(float *dq, const P *part_dq, const int32_
                 for (int u = 0; u < 8; u++) {
                     int i = i0 + u;
                     use[u] = i < s.n && sel[i] >= 0;
-                    x[u] = use[u] ? part4(part_dq + (row * s.n + i) * s.d + c)
+                    x[u] = use[u] ? part4<false>(part_dq + (row * s.n + i) * s.d + c)
                                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 }
 #pragma unroll

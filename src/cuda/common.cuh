@@ -58,8 +58,11 @@ typedef struct nsa__cuda_state {
     int slc_kc;   // NSA_CUDA_SLC_KC=1: the bf16 selected forward for H/G a multiple of 16 with
                   // key blocks outside (attention_bf16_slc_kc.cu), bf16 partials; 2: fp32; 3:
                   // bf16, two row stages and three blocks a SM; 4: bf16, the paper's fixed
-                  // blocks by the warp kernel; 0 (default): a warp a position. Not yet run
-                  // on a GPU: off until measured.
+                  // blocks by the warp kernel; 5: as 3 over chunks of kc_chunk positions,
+                  // each position merged by the block that completes it; 0 (default): a
+                  // warp a position. Not yet run on a GPU: off until measured.
+    int kc_chunk; // positions a chunk of NSA_CUDA_SLC_KC=5 (NSA_CUDA_KC_CHUNK, a multiple
+                  // of 16 from 16 to 4096; default 64)
     // the selected path's kernels of the last bf16 attention forward [0] and backward's dq
     // [1] (NSA_SLC_*; attn_kernels names them)
     int slc_kind[2];

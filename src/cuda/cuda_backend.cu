@@ -212,7 +212,11 @@ static const char *slc_kind_name(int kind, int bwd, char *buf, size_t n)
         break;
     case NSA_SLC_KC:
         snprintf(buf, n, "%s(%s)", bwd ? "dkv" : "kc",
-                 sub == 2 ? "fp32" : sub == 3 ? "bf16,2st" : sub == 4 ? "bf16,fixed" : "bf16");
+                 sub == 2   ? "fp32"
+                 : sub == 3 ? "bf16,2st"
+                 : sub == 4 ? "bf16,fixed"
+                 : sub == 5 ? "bf16,chunked"
+                            : "bf16");
         break;
     case NSA_SLC_KV:
         snprintf(buf, n, "kv");
@@ -466,7 +470,10 @@ extern "C" nsa_status nsa__cuda_backend_init(nsa_context *ctx, int num_threads)
         const char *fq = getenv("NSA_CUDA_DQ_FUSED");
         s->dq_fused = fq && (strcmp(fq, "1") == 0 || strcmp(fq, "2") == 0) ? fq[0] - '0' : 0;
         const char *kc = getenv("NSA_CUDA_SLC_KC");
-        s->slc_kc = kc && kc[0] >= '1' && kc[0] <= '4' && kc[1] == 0 ? kc[0] - '0' : 0;
+        s->slc_kc = kc && kc[0] >= '1' && kc[0] <= '5' && kc[1] == 0 ? kc[0] - '0' : 0;
+        const char *ch = getenv("NSA_CUDA_KC_CHUNK");
+        long chunk = ch ? strtol(ch, NULL, 10) : 64;
+        s->kc_chunk = chunk >= 16 && chunk <= 4096 && chunk % 16 == 0 ? (int)chunk : 64;
         if (s->dq_fused || s->slc_kc) { // (their kernels exist in the sm_90a code only)
             err = wgmma_probe(s->stream, &s->sm90a);
             if (err != cudaSuccess)

@@ -90,6 +90,8 @@ static void random_indices(int32_t *idx, int B, int T, int G, int n, int b)
             for (int g = 0; g < G; g++) {
                 int32_t *row = idx + (((size_t)bb * T + t) * G + g) * n;
                 int ncand = t / b + 1, m = 0;
+                if (t % 23 == 7) // now and then a selection without blocks (all slots -1)
+                    ncand = 0;
                 for (int i = 0; i < ncand && m < n; i++)
                     if (ncand - i <= n - m || test_rng_next(&rng) % 3 == 0)
                         row[m++] = i;
@@ -285,8 +287,9 @@ static void test_bf16_attention_mt1(void)
 // the selected path's dq as bf16 and as fp32 partials from the dk/dv kernel instead of by
 // the query-centric kernel, the first also on one stream; the selected forward with key
 // blocks outside (bf16 partials, fp32, bf16 with two row stages on one stream, bf16 with the
-// fused dq, and bf16 with the fixed blocks by the warp kernel, on two streams and on one)
-// (these H/G a multiple of 16).
+// fused dq, bf16 with the fixed blocks by the warp kernel, on two streams and on one, and
+// over chunks of positions merged in the kernel: 64 positions a chunk, 16, and 4096, one
+// chunk whose lists are cut into work items) (these H/G a multiple of 16).
 // Where a switch's conditions hold, the kernels it names must be the ones that ran.
 static void test_bf16_variants(void)
 {
@@ -320,6 +323,11 @@ static void test_bf16_variants(void)
          "slc_fwd=kc(bf16,fixed)"},
         {"NSA_CUDA_SLC_KC", "4", "NSA_CUDA_STREAMS", "0", 1, "slc_fwd=kc(bf16)", NULL,
          "slc_fwd=kc(bf16,fixed)"},
+        {"NSA_CUDA_SLC_KC", "5", NULL, NULL, 1, "slc_fwd=kc(bf16,chunked)", NULL, NULL},
+        {"NSA_CUDA_SLC_KC", "5", "NSA_CUDA_KC_CHUNK", "16", 1, "slc_fwd=kc(bf16,chunked)", NULL,
+         NULL},
+        {"NSA_CUDA_SLC_KC", "5", "NSA_CUDA_KC_CHUNK", "4096", 1, "slc_fwd=kc(bf16,chunked)", NULL,
+         NULL},
     };
     nsa_context *keep = gpu;
     for (size_t v = 0; v < sizeof vars / sizeof vars[0]; v++) {
@@ -358,7 +366,8 @@ static void test_bf16_race(void)
     static const attn_case race32 = {"race_gqa32", 1, 560, 32, 1, 64, 16, 24, 8, 16, 3,
                                      NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0};
     // n = 6 under the fixed selection: three blocks by score (with NSA_CUDA_SLC_KC=4 the
-    // key-centric kernel's, beside the warp kernel's fixed ones)
+    // key-centric kernel's, beside the warp kernel's fixed ones; with 5, 300 positions are
+    // five chunks)
     static const attn_case race_kc = {"race_kc", 1, 300, 16, 1, 64, 16, 24, 8, 16, 6,
                                       NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0};
     bf16_case(&race);

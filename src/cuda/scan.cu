@@ -1,0 +1,34 @@
+/*
+ * scan.cu — exclusive prefix sums of int arrays on the device (CUB's single-pass scan),
+ * for index builds too large for one thread block's scan (the chunked selection index of
+ * attention_bf16_slc_kc.cu). In a file of its own: CUB's headers change how nvcc compiles
+ * the kernels of a file that includes them.
+ */
+#include "cuda/attention.cuh"
+
+#include <cub/device/device_scan.cuh>
+
+size_t nsa__cuda_scan_ws_bytes(size_t n)
+{
+    size_t bytes = 0;
+    if (n > (size_t)INT32_MAX ||
+        cub::DeviceScan::ExclusiveSum(NULL, bytes, (const int *)NULL, (int *)NULL, (int)n) !=
+            cudaSuccess) {
+        (void)cudaGetLastError();
+        return 0;
+    }
+    return bytes;
+}
+
+nsa_status nsa__cuda_scan_ints(nsa_context *ctx, int *dst, const int *src, size_t n, void *ws,
+                               size_t ws_bytes)
+{
+    size_t need = nsa__cuda_scan_ws_bytes(n);
+    if (n > (size_t)INT32_MAX || need == 0 || ws_bytes < need)
+        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda scan of %zu ints: workspace %zu of %zu bytes",
+                          n, ws_bytes, need);
+    NSA_CUDA_TRY(cub::DeviceScan::ExclusiveSum(ws, ws_bytes, src, dst, (int)n,
+                                               nsa__cuda_stream(ctx)));
+    NSA_CUDA_LAUNCHED("cub::DeviceScan::ExclusiveSum");
+    return NSA_OK;
+}
