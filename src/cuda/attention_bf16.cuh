@@ -1027,6 +1027,87 @@ struct slc_sum_io {
     const float *o_cmp, *o_win, *gates;
 };
 
+// Half a warp (lanes 16 hw .. 16 hw + 15) merges row `row` (when active; every lane of the
+// warp calls it, the shuffles stay within each half) as slc_combine_row does, for bf16
+// partials in layout 1 with n <= 16 slots, loaded through L2 only: 8 columns a lane (d <=
+// 128), and every used slot's partial, the lse and the other paths' rows loaded at once,
+// one round trip to L2 a row where the combine's warp makes four.
+static __device__ __forceinline__ void slc_merge_row_half(size_t row, bool active, int lane,
+                                                          const slc_sum_io &io,
+                                                          const bf16 *part_o,
+                                                          const float *part_lse,
+                                                          const int32_t *idx,
+                                                          const attn_shape &s)
+{
+    const int hl = lane & 15, hbase = lane & 16;
+    int h = (int)(row % s.H);
+    size_t bt = row / s.H, pos = bt * s.G + h / s.hpg;
+    size_t base = pos * s.n * s.hpg + h % s.hpg; // slot i: base + i * hpg
+    int blk = active && hl < s.n ? idx[pos * s.n + hl] : -1;
+    unsigned used = (__ballot_sync(0xffffffffu, blk >= 0) >> hbase) & 0xffffu;
+    float lsei = blk >= 0 ? __ldcg(part_lse + base + (size_t)hl * s.hpg) : -INFINITY;
+    int c = 8 * hl;
+    bool on = active && c < s.d;
+    uint4 x[16];
+#pragma unroll
+    for (int u = 0; u < 16; u++)
+        x[u] = on && (used >> u & 1u)
+                   ? __ldcg(reinterpret_cast<const uint4 *>(part_o + (base + (size_t)u * s.hpg) * s.d + c))
+                   : make_uint4(0u, 0u, 0u, 0u);
+    size_t at = row * s.d + c;
+    float4 z = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float4 oc0 = on ? *reinterpret_cast<const float4 *>(io.o_cmp + at) : z;
+    float4 oc1 = on ? *reinterpret_cast<const float4 *>(io.o_cmp + at + 4) : z;
+    float4 ow0 = on ? *reinterpret_cast<const float4 *>(io.o_win + at) : z;
+    float4 ow1 = on ? *reinterpret_cast<const float4 *>(io.o_win + at + 4) : z;
+    float g0 = 0.0f, g1 = 0.0f, g2 = 0.0f;
+    if (active) {
+        g0 = io.gates[row * 3 + 0];
+        g1 = io.gates[row * 3 + 1];
+        g2 = io.gates[row * 3 + 2];
+    }
+    float mx = lsei;
+#pragma unroll
+    for (int off = 8; off > 0; off >>= 1)
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    float wsum = blk >= 0 && mx > -INFINITY ? __expf(lsei - mx) : 0.0f;
+#pragma unroll
+    for (int off = 8; off > 0; off >>= 1)
+        wsum += __shfl_xor_sync(0xffffffffu, wsum, off);
+    float lse = mx > -INFINITY ? mx + __logf(wsum) : -INFINITY;
+    float w = blk >= 0 && lse > -INFINITY ? __expf(lsei - lse) : 0.0f;
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int u = 0; u < 16; u++) { // in slot order
+        float wu = __shfl_sync(0xffffffffu, w, hbase + u);
+        if (wu != 0.0f) {
+            const uint32_t xs[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&xs[j]));
+                acc[2 * j] += wu * f.x;
+                acc[2 * j + 1] += wu * f.y;
+            }
+        }
+    }
+    if (active && hl == 0 && io.lse3)
+        io.lse3[row * 3 + 1] = lse;
+    if (!on)
+        return;
+    float4 a0 = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    float4 a1 = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    if (io.o_slc) {
+        *reinterpret_cast<float4 *>(io.o_slc + at) = a0;
+        *reinterpret_cast<float4 *>(io.o_slc + at + 4) = a1;
+    }
+    *reinterpret_cast<float4 *>(io.out + at) =
+        make_float4(g0 * oc0.x + g1 * a0.x + g2 * ow0.x, g0 * oc0.y + g1 * a0.y + g2 * ow0.y,
+                    g0 * oc0.z + g1 * a0.z + g2 * ow0.z, g0 * oc0.w + g1 * a0.w + g2 * ow0.w);
+    *reinterpret_cast<float4 *>(io.out + at + 4) =
+        make_float4(g0 * oc1.x + g1 * a1.x + g2 * ow1.x, g0 * oc1.y + g1 * a1.y + g2 * ow1.y,
+                    g0 * oc1.z + g1 * a1.z + g2 * ow1.z, g0 * oc1.w + g1 * a1.w + g2 * ow1.w);
+}
+
 // One warp merges row `row`'s partials by their lse (slots of unused entries skipped: their
 // partials were never written), then writes lse slot 1, o_slc and the gated sum. Lanes hold
 // the slots' weights (32 slots at a time) and 4 consecutive columns each. Partials P (float

@@ -175,14 +175,24 @@ __global__ void __launch_bounds__(MMA_THREADS, MINB)
                 mlist[atomicAdd(mcount, 1)] = t;
             }
         }
-        // a warp a row of the positions this block completed
+        // the rows of the positions this block completed: half a warp a row (n <= 16),
+        // or a warp a row
         __syncthreads();
         int nrows = *mcount * s.hpg;
         __threadfence();
-        for (int e = warp; e < nrows; e += MMA_THREADS / 32) {
-            size_t row = ((size_t)b * s.T + mlist[e / s.hpg]) * s.H + (size_t)g * s.hpg + e % s.hpg;
-            slc_combine_row<bf16, 1, true>(row, lane, io, (const bf16 *)part_o, part_lse, idx, s);
-        }
+        auto row_of = [&](int e) {
+            return ((size_t)b * s.T + mlist[e / s.hpg]) * s.H + (size_t)g * s.hpg + e % s.hpg;
+        };
+        if (s.n <= 16)
+            for (int e0 = 2 * warp; e0 < nrows; e0 += 2 * (MMA_THREADS / 32)) {
+                int e = e0 + lane / 16;
+                slc_merge_row_half(row_of(e < nrows ? e : e0), e < nrows, lane, io,
+                                   (const bf16 *)part_o, part_lse, idx, s);
+            }
+        else
+            for (int e = warp; e < nrows; e += MMA_THREADS / 32)
+                slc_combine_row<bf16, 1, true>(row_of(e), lane, io, (const bf16 *)part_o,
+                                               part_lse, idx, s);
     }
 #endif
 }
@@ -258,8 +268,11 @@ static nsa_status slc_kc_dp(nsa_context *ctx, const attn_shape &s, const kc_part
                             const float *gates, const int32_t *idx)
 {
     cudaStream_t st = nsa__cuda_stream(ctx);
-    // work items of up to 64 tiles (the selected dk/dv kernel's split)
-    int split_pos = 64 * MB / s.hpg, nch = MERGE ? (s.T + p.chunk - 1) / p.chunk : 1;
+    // work items of up to 64 tiles (the selected dk/dv kernel's split); MERGE: 4 tiles, so
+    // that the merges of a chunk's positions, which fall to the items that finish last
+    // (those of the blocks every position holds: its own), spread over several blocks
+    int split_pos = (MERGE ? 4 : 64) * MB / s.hpg;
+    int nch = MERGE ? (s.T + p.chunk - 1) / p.chunk : 1;
     sel_index si;
     NSA_TRY(nsa__cuda_sel_lists(ctx, s, idx, p.ws, split_pos, &si, p.fix, MERGE ? p.chunk : 0));
     if (MERGE)

@@ -255,6 +255,9 @@ static const attn_case cases[] = {
     // H/G = 8 with B, G > 1: the selected path's dk/dv rows by TMA, one box a position, slots
     // past a list's end read as zeros
     {"gqa8_d128_tma_rows", 2, 400, 16, 2, 128, 32, 64, 16, 32, 5, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
+    // more than 16 selected blocks (25 candidates at the end; NSA_CUDA_SLC_KC=5 merges such
+    // rows a warp a row instead of half a warp)
+    {"gqa16_d64_n20", 1, 400, 16, 1, 64, 16, 32, 8, 16, 20, NSA_SELECT_CMP_ATTN, NSA_SELECT_FIXED_PAPER, 0},
 };
 
 static void test_bf16_attention(void)
