@@ -167,7 +167,7 @@ for line in open(sys.argv[1]):
 sets = list(dict.fromkeys(k[0] for k in best))
 print("== A/B summary (best of the rounds; x: time against the first set)")
 for T in sorted({k[1] for k in best}):
-    base = best.get((sets[0], T))
+    base = best.get((sets[0], T), (float("nan"), float("nan")))
     for s in sets:
         if (s, T) not in best:
             continue

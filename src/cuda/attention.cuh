@@ -706,7 +706,7 @@ typedef struct sel_index {
     const int *item_key; // (chunked: the key of each item; NULL otherwise)
     size_t max_items;
 } sel_index;
-size_t nsa__cuda_sel_ws_ints(const attn_shape &s, int chunk = 0);
+size_t nsa__cuda_sel_ws_ints(const attn_shape &s, int chunk = 0); // (chunked: 0 if too large)
 nsa_status nsa__cuda_sel_lists(nsa_context *ctx, const attn_shape &s, const int32_t *idx,
                                int *ws, int split_pos, sel_index *out, int skip_fixed = 0,
                                int chunk = 0);

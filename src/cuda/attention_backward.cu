@@ -508,7 +508,10 @@ size_t nsa__cuda_sel_ws_ints(const attn_shape &s, int chunk)
     size_t n_keys = sel_keys(s, chunk), n_entries = (size_t)s.B * s.T * s.G * s.n;
     if (chunk <= 0)
         return 5 * (n_keys + 1) + n_entries;
-    return sel_scan_at(s, chunk) + (nsa__cuda_scan_ws_bytes(n_keys + 1) + sizeof(int) - 1) / sizeof(int);
+    size_t scan_bytes = nsa__cuda_scan_ws_bytes(n_keys + 1);
+    if (scan_bytes == 0) // (too many keys for the device scan)
+        return 0;
+    return sel_scan_at(s, chunk) + (scan_bytes + sizeof(int) - 1) / sizeof(int);
 }
 
 // Work items of the chunked index at most: one for each (b, chunk, g, block) a position of

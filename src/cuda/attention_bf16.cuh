@@ -1325,7 +1325,8 @@ nsa_status nsa__cuda_slc_fixed_partials(nsa_context *ctx, const attn_shape &s, v
 // (attention_bf16_slc_kc.cu; NSA_CUDA_SLC_KC = mode: 1 bf16 partials, 2 fp32, 3 bf16 with
 // two row stages and three blocks a SM, 4 bf16 with the paper's fixed blocks by the warp
 // kernel, 5 as 3 over chunks of `chunk` positions, merged in the kernel). scratch holds
-// nsa__cuda_slc_kc_scratch_bytes(s, mode, chunk) (chunk: the context's kc_chunk).
+// nsa__cuda_slc_kc_scratch_bytes(s, mode, chunk) (chunk: the context's kc_chunk; 0 where
+// mode 5's index would have too many keys: the warp kernel runs).
 size_t nsa__cuda_slc_kc_scratch_bytes(const attn_shape &s, int mode, int chunk);
 // Whether those kernels cover the call (the shape and the code the driver loaded).
 static inline bool slc_kc_covers(const nsa__cuda_state *cs, const attn_shape &s)

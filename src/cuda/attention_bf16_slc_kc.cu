@@ -220,7 +220,8 @@ static kc_parts kc_parts_of(const attn_shape &s, int mode, int chunk, void *scra
     size_t lse_at = nsa__align256(parts * s.d * (mode == 2 ? sizeof(float) : sizeof(bf16)));
     size_t cnt_at = lse_at + nsa__align256(parts * sizeof(float));
     size_t ws_at = cnt_at + (p.chunk ? nsa__align256((size_t)s.B * s.T * s.G * sizeof(int)) : 0);
-    p.bytes = ws_at + nsa__cuda_sel_ws_ints(s, p.chunk) * sizeof(int);
+    size_t ws_ints = nsa__cuda_sel_ws_ints(s, p.chunk);
+    p.bytes = ws_ints ? ws_at + ws_ints * sizeof(int) : 0; // (0: the chunked index can't be built)
     char *mem = (char *)scratch;
     p.o = mem;
     p.lse = mem ? (float *)(mem + lse_at) : NULL;

@@ -82,7 +82,7 @@ static uint16_t *to_bf16(float *x, size_t n)
 }
 
 // Random valid selections: per row 1..min(n, candidates) distinct blocks, ascending,
-// -1 padded.
+// -1 padded; every 23rd position none (all -1).
 static void random_indices(int32_t *idx, int B, int T, int G, int n, int b)
 {
     for (int bb = 0; bb < B; bb++)
