@@ -1029,31 +1029,49 @@ struct slc_sum_io {
 
 // Half a warp (lanes 16 hw .. 16 hw + 15) merges row `row` (when active; every lane of the
 // warp calls it, the shuffles stay within each half) as slc_combine_row does, for bf16
-// partials in layout 1 with n <= 16 slots, loaded through L2 only: 8 columns a lane (d <=
-// 128), and every used slot's partial, the lse and the other paths' rows loaded at once,
-// one round trip to L2 a row where the combine's warp makes four.
-static __device__ __forceinline__ void slc_merge_row_half(size_t row, bool active, int lane,
+// partials in layout 1 or 2 (ns = n or n + 1 <= 32 slots), loaded through L2 only: 8
+// columns a lane (d <= 128), and every used slot's partial (16 at most), the lse and the
+// other paths' rows loaded at once, one round trip to L2 or HBM a row where the combine's
+// warp makes four. False (on every lane, nothing written) when a row of the warp has more
+// than 16 used slots: the caller merges both by slc_combine_row.
+template <int LAYOUT>
+static __device__ __forceinline__ bool slc_merge_row_half(size_t row, bool active, int lane,
                                                           const slc_sum_io &io,
                                                           const bf16 *part_o,
                                                           const float *part_lse,
                                                           const int32_t *idx,
                                                           const attn_shape &s)
 {
+    static_assert(LAYOUT == 1 || LAYOUT == 2, "partials of a position side by side");
     const int hl = lane & 15, hbase = lane & 16;
-    int h = (int)(row % s.H);
+    int h = (int)(row % s.H), t = (int)(row / s.H % s.T), ns = s.n + (LAYOUT == 2);
+    if (ns > 32 || s.d > 128) // (the same for both rows)
+        return false;
     size_t bt = row / s.H, pos = bt * s.G + h / s.hpg;
-    size_t base = pos * s.n * s.hpg + h % s.hpg; // slot i: base + i * hpg
-    int blk = active && hl < s.n ? idx[pos * s.n + hl] : -1;
-    unsigned used = (__ballot_sync(0xffffffffu, blk >= 0) >> hbase) & 0xffffu;
-    float lsei = blk >= 0 ? __ldcg(part_lse + base + (size_t)hl * s.hpg) : -INFINITY;
+    size_t base = pos * ns * s.hpg + h % s.hpg; // slot i: base + i * hpg
+    const int32_t *sel = idx + pos * s.n;
+    auto used = [&](int i) {
+        return active && i < ns &&
+               (i == s.n || (sel[i] >= 0 && (LAYOUT != 2 || !paper_fixed(sel[i], t, s.b))));
+    };
+    // the half's used slots (bit i: slot i), then slot_of[u]: the u-th of them, in order
+    unsigned lo = __ballot_sync(0xffffffffu, used(hl)), hi = __ballot_sync(0xffffffffu, used(hl + 16));
+    unsigned m = (lo >> hbase & 0xffffu) | (hi >> hbase & 0xffffu) << 16;
+    int cnt = __popc(m);
+    if (!__all_sync(0xffffffffu, cnt <= 16))
+        return false;
+    int my_slot = hl < cnt ? (int)__fns(m, 0, hl + 1) : -1;
+    float lsei = my_slot >= 0 ? __ldcg(part_lse + base + (size_t)my_slot * s.hpg) : -INFINITY;
     int c = 8 * hl;
     bool on = active && c < s.d;
     uint4 x[16];
 #pragma unroll
-    for (int u = 0; u < 16; u++)
-        x[u] = on && (used >> u & 1u)
-                   ? __ldcg(reinterpret_cast<const uint4 *>(part_o + (base + (size_t)u * s.hpg) * s.d + c))
+    for (int u = 0; u < 16; u++) {
+        int su = __shfl_sync(0xffffffffu, my_slot, hbase + u);
+        x[u] = on && su >= 0
+                   ? __ldcg(reinterpret_cast<const uint4 *>(part_o + (base + (size_t)su * s.hpg) * s.d + c))
                    : make_uint4(0u, 0u, 0u, 0u);
+    }
     size_t at = row * s.d + c;
     float4 z = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     float4 oc0 = on ? *reinterpret_cast<const float4 *>(io.o_cmp + at) : z;
@@ -1070,12 +1088,12 @@ static __device__ __forceinline__ void slc_merge_row_half(size_t row, bool activ
 #pragma unroll
     for (int off = 8; off > 0; off >>= 1)
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    float wsum = blk >= 0 && mx > -INFINITY ? __expf(lsei - mx) : 0.0f;
+    float wsum = my_slot >= 0 && mx > -INFINITY ? __expf(lsei - mx) : 0.0f;
 #pragma unroll
     for (int off = 8; off > 0; off >>= 1)
         wsum += __shfl_xor_sync(0xffffffffu, wsum, off);
     float lse = mx > -INFINITY ? mx + __logf(wsum) : -INFINITY;
-    float w = blk >= 0 && lse > -INFINITY ? __expf(lsei - lse) : 0.0f;
+    float w = my_slot >= 0 && lse > -INFINITY ? __expf(lsei - lse) : 0.0f;
     float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int u = 0; u < 16; u++) { // in slot order
@@ -1093,7 +1111,7 @@ static __device__ __forceinline__ void slc_merge_row_half(size_t row, bool activ
     if (active && hl == 0 && io.lse3)
         io.lse3[row * 3 + 1] = lse;
     if (!on)
-        return;
+        return true;
     float4 a0 = make_float4(acc[0], acc[1], acc[2], acc[3]);
     float4 a1 = make_float4(acc[4], acc[5], acc[6], acc[7]);
     if (io.o_slc) {
@@ -1106,6 +1124,7 @@ static __device__ __forceinline__ void slc_merge_row_half(size_t row, bool activ
     *reinterpret_cast<float4 *>(io.out + at + 4) =
         make_float4(g0 * oc1.x + g1 * a1.x + g2 * ow1.x, g0 * oc1.y + g1 * a1.y + g2 * ow1.y,
                     g0 * oc1.z + g1 * a1.z + g2 * ow1.z, g0 * oc1.w + g1 * a1.w + g2 * ow1.w);
+    return true;
 }
 
 // One warp merges row `row`'s partials by their lse (slots of unused entries skipped: their
@@ -1192,6 +1211,25 @@ static __device__ __forceinline__ void slc_combine_row(size_t row, int lane, con
                         g0 * oc.z + g1 * acc.z + g2 * ow.z, g0 * oc.w + g1 * acc.w + g2 * ow.w);
     }
 }
+
+// Rows e0 and e0 + 1 (< nrows) by one warp: half a warp a row where slc_merge_row_half can,
+// else one after the other by slc_combine_row (row_of: a row's index from e).
+template <int LAYOUT, bool CG, class RowOf>
+static __device__ __forceinline__ void slc_merge_row_pair(size_t e0, size_t nrows, RowOf row_of,
+                                                          int lane, const slc_sum_io &io,
+                                                          const bf16 *part_o,
+                                                          const float *part_lse,
+                                                          const int32_t *idx,
+                                                          const attn_shape &s)
+{
+    size_t e = e0 + lane / 16;
+    if (slc_merge_row_half<LAYOUT>(row_of(e < nrows ? e : e0), e < nrows, lane, io, part_o,
+                                   part_lse, idx, s))
+        return;
+    for (size_t r = e0; r < e0 + 2 && r < nrows; r++)
+        slc_combine_row<bf16, LAYOUT, CG>(row_of(r), lane, io, part_o, part_lse, idx, s);
+}
+
 
 // Stores the 16 rows row0 .. row0 + 15 of an m-tile's o (C fragments, DP columns) as fp32
 // into dst rows ([rows][d]); t[r] < 0 marks rows past the end, row[r] their index.

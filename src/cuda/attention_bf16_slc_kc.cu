@@ -175,24 +175,16 @@ __global__ void __launch_bounds__(MMA_THREADS, MINB)
                 mlist[atomicAdd(mcount, 1)] = t;
             }
         }
-        // the rows of the positions this block completed: half a warp a row (n <= 16),
-        // or a warp a row
+        // the rows of the positions this block completed, two a warp
         __syncthreads();
         int nrows = *mcount * s.hpg;
         __threadfence();
-        auto row_of = [&](int e) {
+        auto row_of = [&](size_t e) {
             return ((size_t)b * s.T + mlist[e / s.hpg]) * s.H + (size_t)g * s.hpg + e % s.hpg;
         };
-        if (s.n <= 16)
-            for (int e0 = 2 * warp; e0 < nrows; e0 += 2 * (MMA_THREADS / 32)) {
-                int e = e0 + lane / 16;
-                slc_merge_row_half(row_of(e < nrows ? e : e0), e < nrows, lane, io,
-                                   (const bf16 *)part_o, part_lse, idx, s);
-            }
-        else
-            for (int e = warp; e < nrows; e += MMA_THREADS / 32)
-                slc_combine_row<bf16, 1, true>(row_of(e), lane, io, (const bf16 *)part_o,
-                                               part_lse, idx, s);
+        for (int e0 = 2 * warp; e0 < nrows; e0 += 2 * (MMA_THREADS / 32))
+            slc_merge_row_pair<1, true>(e0, nrows, row_of, lane, io, (const bf16 *)part_o,
+                                        part_lse, idx, s);
     }
 #endif
 }

@@ -127,22 +127,31 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 }
 
 // Four columns c .. c + 3 of a partial, fp32 or bf16.
-// One warp per row: slc_combine_row (attention_bf16.cuh). EMPTY_ONLY: only the rows whose
-// selection holds no block (NSA_CUDA_SLC_KC=5 merges the others as their partials complete).
-// (three blocks a SM: 80 registers, no spills; 24 warps with eight loads each in flight)
+// One warp per row: slc_combine_row (attention_bf16.cuh); bf16 partials (layouts 1 and 2,
+// key blocks outside for H/G a multiple of 16): two rows a warp, slc_merge_row_pair.
+// EMPTY_ONLY: only the rows whose selection holds no block (NSA_CUDA_SLC_KC=5 merges the
+// others as their partials complete).
+// (a warp a row: three blocks a SM, 80 registers, no spills, 24 warps with eight loads each
+// in flight; two rows a warp: two blocks a SM, sixteen 16-byte loads a lane in flight)
 template <class P, int LAYOUT, bool EMPTY_ONLY>
-__global__ void __launch_bounds__(256, 3)
+__global__ void __launch_bounds__(256, sizeof(P) == sizeof(bf16) && !EMPTY_ONLY ? 2 : 3)
     bf16_slc_combine_kernel(slc_sum_io io, const P *part_o, const float *part_lse,
                             const int32_t *idx, attn_shape s)
 {
     int lane = threadIdx.x % 32;
     size_t rows = (size_t)s.B * s.T * s.H, nwarps = (size_t)gridDim.x * blockDim.x / 32;
-    for (size_t row = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32; row < rows;
-         row += nwarps) {
-        if (EMPTY_ONLY &&
-            warp_count_valid(idx + (row / s.H * s.G + row % s.H / s.hpg) * s.n, s.n, lane) > 0)
-            continue;
-        slc_combine_row<P, LAYOUT, false>(row, lane, io, part_o, part_lse, idx, s);
+    size_t warp_id = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32;
+    if constexpr (sizeof(P) == sizeof(bf16) && !EMPTY_ONLY) {
+        for (size_t r0 = 2 * warp_id; r0 < rows; r0 += 2 * nwarps)
+            slc_merge_row_pair<LAYOUT, true>(r0, rows, [](size_t r) { return r; }, lane, io,
+                                             (const bf16 *)part_o, part_lse, idx, s);
+    } else {
+        for (size_t row = warp_id; row < rows; row += nwarps) {
+            if (EMPTY_ONLY &&
+                warp_count_valid(idx + (row / s.H * s.G + row % s.H / s.hpg) * s.n, s.n, lane) > 0)
+                continue;
+            slc_combine_row<P, LAYOUT, false>(row, lane, io, part_o, part_lse, idx, s);
+        }
     }
 }
 
