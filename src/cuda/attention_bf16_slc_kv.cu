@@ -126,7 +126,6 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
     }
 }
 
-// Four columns c .. c + 3 of a partial, fp32 or bf16.
 // One warp per row: slc_combine_row (attention_bf16.cuh); bf16 partials (layouts 1 and 2,
 // key blocks outside for H/G a multiple of 16): two rows a warp, slc_merge_row_pair.
 // EMPTY_ONLY: only the rows whose selection holds no block (NSA_CUDA_SLC_KC=5 merges the
@@ -162,7 +161,8 @@ nsa_status nsa__cuda_slc_combine(nsa_context *ctx, const attn_shape &s, float *o
                                  const int32_t *idx, int empty_only)
 {
     size_t rows = (size_t)s.B * s.T * s.H;
-    unsigned blocks = nsa__cuda_blocks(rows * 32, 256);
+    // (a warp a row; bf16 but for empty_only: a warp two rows)
+    unsigned blocks = nsa__cuda_blocks((fp32 || empty_only ? rows : (rows + 1) / 2) * 32, 256);
     cudaStream_t st = nsa__cuda_stream(ctx);
     slc_sum_io io = {out, o_slc, lse3, o_cmp, o_win, gates};
 #define COMBINE(P, LAYOUT, EMPTY)                                                             \
