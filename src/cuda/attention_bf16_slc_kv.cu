@@ -248,41 +248,113 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 // of 16). With lse3, rows whose selected path saw no key (lse -inf: the dk/dv kernel skips
 // them, writing no partial) are left as they are.
 template <class P>
+static __device__ __forceinline__ void dq_add_row(float *dq, const P *part_dq, const int32_t *idx,
+                                                  const float *lse3, const attn_shape &s,
+                                                  size_t row, int lane)
+{
+    int h = (int)(row % s.H);
+    const int32_t *sel = idx + ((row / s.H) * s.G + h / s.hpg) * s.n;
+    if (lse3 && lse3[row * 3 + 1] == -INFINITY)
+        return;
+    for (int c = 4 * lane; c < s.d; c += 128) {
+        float4 acc = *reinterpret_cast<const float4 *>(dq + row * s.d + c);
+        // eight slots' loads in flight at a time, then their sum in slot order
+        for (int i0 = 0; i0 < s.n; i0 += 8) {
+            bool use[8];
+            float4 x[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                int i = i0 + u;
+                use[u] = i < s.n && sel[i] >= 0;
+                x[u] = use[u] ? part4<false>(part_dq + (row * s.n + i) * s.d + c)
+                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++)
+                if (use[u]) {
+                    acc.x += x[u].x;
+                    acc.y += x[u].y;
+                    acc.z += x[u].z;
+                    acc.w += x[u].w;
+                }
+        }
+        *reinterpret_cast<float4 *>(dq + row * s.d + c) = acc;
+    }
+}
+
+// The same for bf16 partials, two rows a warp: half a warp a row, 8 columns a lane (d <=
+// 128), the row's lse and selection, then dq and every used slot's partial (n <= 16) loaded
+// at once: two round trips a row where dq_add_row makes four. False (all lanes; nothing
+// written) where n or d is too large.
+static __device__ __forceinline__ bool dq_add_row_half(float *dq, const bf16 *part_dq,
+                                                       const int32_t *idx, const float *lse3,
+                                                       const attn_shape &s, size_t row,
+                                                       bool active, int lane)
+{
+    if (s.n > 16 || s.d > 128)
+        return false;
+    const int hl = lane & 15, hbase = lane & 16;
+    int h = (int)(row % s.H);
+    const int32_t *sel = idx + ((row / s.H) * s.G + h / s.hpg) * s.n;
+    int blk = active && hl < s.n ? sel[hl] : -1;
+    if (active && lse3 && lse3[row * 3 + 1] == -INFINITY) // (no partial written)
+        active = false, blk = -1;
+    unsigned used = __ballot_sync(0xffffffffu, blk >= 0) >> hbase & 0xffffu;
+    int c = 8 * hl;
+    bool on = active && c < s.d;
+    size_t at = row * s.d + c;
+    uint4 x[16];
+#pragma unroll
+    for (int u = 0; u < 16; u++)
+        x[u] = on && (used >> u & 1u)
+                   ? __ldcg(reinterpret_cast<const uint4 *>(part_dq + (row * s.n + u) * s.d + c))
+                   : make_uint4(0u, 0u, 0u, 0u);
+    if (!on)
+        return true;
+    float acc[8];
+    *reinterpret_cast<float4 *>(acc) = *reinterpret_cast<const float4 *>(dq + at);
+    *reinterpret_cast<float4 *>(acc + 4) = *reinterpret_cast<const float4 *>(dq + at + 4);
+#pragma unroll
+    for (int u = 0; u < 16; u++) // in slot order
+        if (used >> u & 1u) {
+            const uint32_t xs[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&xs[j]));
+                acc[2 * j] += f.x;
+                acc[2 * j + 1] += f.y;
+            }
+        }
+    *reinterpret_cast<float4 *>(dq + at) = *reinterpret_cast<const float4 *>(acc);
+    *reinterpret_cast<float4 *>(dq + at + 4) = *reinterpret_cast<const float4 *>(acc + 4);
+    return true;
+}
+
+template <class P>
 __global__ void bf16_dq_slc_add_kernel(float *dq, const P *part_dq, const int32_t *idx,
                                        const float *lse3, attn_shape s)
 {
     int lane = threadIdx.x % 32;
     size_t rows = (size_t)s.B * s.T * s.H, nwarps = (size_t)gridDim.x * blockDim.x / 32;
     for (size_t row = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32; row < rows;
-         row += nwarps) {
-        int h = (int)(row % s.H);
-        const int32_t *sel = idx + ((row / s.H) * s.G + h / s.hpg) * s.n;
-        if (lse3 && lse3[row * 3 + 1] == -INFINITY)
+         row += nwarps)
+        dq_add_row(dq, part_dq, idx, lse3, s, row, lane);
+}
+
+// bf16 partials: two rows a warp (dq_add_row_half, else dq_add_row one after the other).
+__global__ void __launch_bounds__(256, 2)
+    bf16_dq_slc_add_pairs_kernel(float *dq, const bf16 *part_dq, const int32_t *idx,
+                                 const float *lse3, attn_shape s)
+{
+    int lane = threadIdx.x % 32;
+    size_t rows = (size_t)s.B * s.T * s.H, nwarps = (size_t)gridDim.x * blockDim.x / 32;
+    for (size_t r0 = 2 * ((blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32); r0 < rows;
+         r0 += 2 * nwarps) {
+        size_t r = r0 + lane / 16;
+        if (dq_add_row_half(dq, part_dq, idx, lse3, s, r < rows ? r : r0, r < rows, lane))
             continue;
-        for (int c = 4 * lane; c < s.d; c += 128) {
-            float4 acc = *reinterpret_cast<const float4 *>(dq + row * s.d + c);
-            // eight slots' loads in flight at a time, then their sum in slot order
-            for (int i0 = 0; i0 < s.n; i0 += 8) {
-                bool use[8];
-                float4 x[8];
-#pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    int i = i0 + u;
-                    use[u] = i < s.n && sel[i] >= 0;
-                    x[u] = use[u] ? part4<false>(part_dq + (row * s.n + i) * s.d + c)
-                                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                }
-#pragma unroll
-                for (int u = 0; u < 8; u++)
-                    if (use[u]) {
-                        acc.x += x[u].x;
-                        acc.y += x[u].y;
-                        acc.z += x[u].z;
-                        acc.w += x[u].w;
-                    }
-            }
-            *reinterpret_cast<float4 *>(dq + row * s.d + c) = acc;
-        }
+        for (r = r0; r < r0 + 2 && r < rows; r++)
+            dq_add_row(dq, part_dq, idx, lse3, s, r, lane);
     }
 }
 
@@ -291,13 +363,14 @@ nsa_status nsa__cuda_dq_slc_add(nsa_context *ctx, const attn_shape &s, float *dq
                                 const float *lse3)
 {
     size_t rows = (size_t)s.B * s.T * s.H;
-    unsigned blocks = nsa__cuda_blocks(rows * 32, 256);
+    // (a warp a row; bf16: a warp two rows)
+    unsigned blocks = nsa__cuda_blocks((fp32 ? rows : (rows + 1) / 2) * 32, 256);
     cudaStream_t st = nsa__cuda_stream(ctx);
     if (fp32)
         bf16_dq_slc_add_kernel<float><<<blocks, 256, 0, st>>>(dq, (const float *)part_dq, idx,
                                                               lse3, s);
     else
-        bf16_dq_slc_add_kernel<bf16><<<blocks, 256, 0, st>>>(dq, (const bf16 *)part_dq, idx,
+        bf16_dq_slc_add_pairs_kernel<<<blocks, 256, 0, st>>>(dq, (const bf16 *)part_dq, idx,
                                                              lse3, s);
     NSA_CUDA_LAUNCHED("bf16_dq_slc_add_kernel");
     return NSA_OK;
