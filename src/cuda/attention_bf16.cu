@@ -859,7 +859,7 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
                                   float *out, float *o_cmp, float *o_slc, float *o_win,
                                   float *lse3, int32_t *idx, const bf16 *q, const bf16 *k,
                                   const bf16 *v, const bf16 *kc, const bf16 *vc,
-                                  const float *gates, void *kv_scratch)
+                                  const float *gates, void *kv_scratch, int kc_mode)
 {
     cudaStream_t st = nsa__cuda_stream(ctx);
     if (phase == 0) {
@@ -886,7 +886,7 @@ static nsa_status bf16_forward_dp(nsa_context *ctx, const attn_shape &s, int pha
         int *kind = &nsa__cuda(ctx)->slc_kind[0];
         if (s.hpg % 16 == 0 && !nsa__cuda(ctx)->bf16_slc_union) {
             if (kv_scratch) { // (NSA_CUDA_SLC_KC: key blocks outside)
-                return nsa__cuda_slc_kc_forward(ctx, s, nsa__cuda(ctx)->slc_kc, kv_scratch, out,
+                return nsa__cuda_slc_kc_forward(ctx, s, kc_mode, kv_scratch, out,
                                                 o_slc, lse3, o_cmp, o_win, q, k, v, gates, idx);
             }
             *kind = NSA_SLC_WARP + nsa__cuda(ctx)->bf16_slcw[0];
@@ -918,11 +918,11 @@ static nsa_status bf16_forward_phase(nsa_context *ctx, const attn_shape &s, int 
                                      float *out, float *o_cmp, float *o_slc, float *o_win,
                                      float *lse3, int32_t *idx, const bf16 *q, const bf16 *k,
                                      const bf16 *v, const bf16 *kc, const bf16 *vc,
-                                     const float *gates, void *kv)
+                                     const float *gates, void *kv, int kc_mode = 0)
 {
     auto run = s.d <= 64 ? bf16_forward_dp<64> : bf16_forward_dp<128>;
     return run(ctx, s, phase, fused, out, o_cmp, o_slc, o_win, lse3, idx, q, k, v, kc, vc, gates,
-               kv);
+               kv, kc_mode);
 }
 
 nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *dims,
@@ -968,10 +968,11 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
     // H/G 16, 32 or 64 with NSA_CUDA_SLC_KC (sm_90a, TMA): key blocks outside as well
     // (attention_bf16_slc_kc.cu), under the same conditions and where a block is one key
     // tile (a 64-row tile then holds whole positions); by default a warp a position
-    if (cs->slc_kc && !cs->bf16_slc_union && slc_kc_covers(cs, s))
-        kv_bytes = bytes_if_half_free(nsa__cuda_slc_kc_scratch_bytes(s, cs->slc_kc, cs->kc_chunk));
+    int want = slc_kc_mode(cs, s);
+    if (want && !cs->bf16_slc_union && slc_kc_covers(cs, s))
+        kv_bytes = bytes_if_half_free(nsa__cuda_slc_kc_scratch_bytes(s, want, cs->kc_chunk));
     if (s.hpg % 16 == 0 && kv_bytes)
-        kc_mode = cs->slc_kc;
+        kc_mode = want;
     size_t main_bytes = (n_ocmp + n_lse + n_sel) * sizeof(float);
     main_bytes = nsa__align256(main_bytes);
     float *scratch = NULL;
@@ -1014,5 +1015,5 @@ nsa_status nsa__cuda_attn_forward_bf16(nsa_context *ctx, const nsa__attn_dims *d
     };
     NSA_TRY(nsa__cuda_beside(cs, window, compressed_and_selection));
     return bf16_forward_phase(ctx, s, 3, fused, out, o_cmp, o_slc, o_win, lse_out, idx, q, k, v,
-                              kc, vc, gates, kv_scratch);
+                              kc, vc, gates, kv_scratch, kc_mode);
 }

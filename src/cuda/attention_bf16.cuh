@@ -1366,6 +1366,15 @@ nsa_status nsa__cuda_slc_fixed_partials(nsa_context *ctx, const attn_shape &s, v
 // nsa__cuda_slc_kc_scratch_bytes(s, mode, chunk) (chunk: the context's kc_chunk; 0 where
 // mode 5's index would have too many keys: the warp kernel runs).
 size_t nsa__cuda_slc_kc_scratch_bytes(const attn_shape &s, int mode, int chunk);
+// The mode NSA_CUDA_SLC_KC asks for this call: 1 .. 5, or for `auto` (6) 5 where K and V
+// (B T G d bf16 each) fit in 24 MiB, which L2 then holds beside a chunk's partials, else 4;
+// 0: none.
+static inline int slc_kc_mode(const nsa__cuda_state *cs, const attn_shape &s)
+{
+    if (cs->slc_kc != 6)
+        return cs->slc_kc;
+    return (size_t)s.B * s.T * s.G * s.d * 2 * sizeof(bf16) <= ((size_t)24 << 20) ? 5 : 4;
+}
 // Whether those kernels cover the call (the shape and the code the driver loaded).
 static inline bool slc_kc_covers(const nsa__cuda_state *cs, const attn_shape &s)
 {

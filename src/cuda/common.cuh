@@ -59,7 +59,8 @@ typedef struct nsa__cuda_state {
                   // key blocks outside (attention_bf16_slc_kc.cu), bf16 partials; 2: fp32; 3:
                   // bf16, two row stages and three blocks a SM; 4: bf16, the paper's fixed
                   // blocks by the warp kernel; 5: as 3 over chunks of kc_chunk positions,
-                  // each position merged by the block that completes it; 0 (default): a
+                  // each position merged by the block that completes it; 6 (`auto`): 5
+                  // where K and V fit in L2 with room, else 4 (slc_kc_mode); 0 (default): a
                   // warp a position. Not yet run on a GPU: off until measured.
     int kc_chunk; // positions a chunk of NSA_CUDA_SLC_KC=5 (NSA_CUDA_KC_CHUNK, a multiple
                   // of 16 from 16 to 4096; default 64)

@@ -470,7 +470,9 @@ extern "C" nsa_status nsa__cuda_backend_init(nsa_context *ctx, int num_threads)
         const char *fq = getenv("NSA_CUDA_DQ_FUSED");
         s->dq_fused = fq && (strcmp(fq, "1") == 0 || strcmp(fq, "2") == 0) ? fq[0] - '0' : 0;
         const char *kc = getenv("NSA_CUDA_SLC_KC");
-        s->slc_kc = kc && kc[0] >= '1' && kc[0] <= '5' && kc[1] == 0 ? kc[0] - '0' : 0;
+        s->slc_kc = kc && kc[0] >= '1' && kc[0] <= '5' && kc[1] == 0 ? kc[0] - '0'
+                    : kc && strcmp(kc, "auto") == 0                  ? 6
+                                                                     : 0;
         const char *ch = getenv("NSA_CUDA_KC_CHUNK");
         long chunk = ch ? strtol(ch, NULL, 10) : 64;
         s->kc_chunk = chunk >= 16 && chunk <= 4096 && chunk % 16 == 0 ? (int)chunk : 64;

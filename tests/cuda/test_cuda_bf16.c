@@ -292,7 +292,8 @@ static void test_bf16_attention_mt1(void)
 // blocks outside (bf16 partials, fp32, bf16 with two row stages on one stream, bf16 with the
 // fused dq, bf16 with the fixed blocks by the warp kernel, on two streams and on one, and
 // over chunks of positions merged in the kernel: 64 positions a chunk, 16, and 4096, one
-// chunk whose lists are cut into work items) (these H/G a multiple of 16).
+// chunk whose lists are cut into work items; `auto`, which picks the chunks for these short
+// sequences) (these H/G a multiple of 16).
 // Where a switch's conditions hold, the kernels it names must be the ones that ran.
 static void test_bf16_variants(void)
 {
@@ -331,6 +332,7 @@ static void test_bf16_variants(void)
          NULL},
         {"NSA_CUDA_SLC_KC", "5", "NSA_CUDA_KC_CHUNK", "4096", 1, "slc_fwd=kc(bf16,chunked)", NULL,
          NULL},
+        {"NSA_CUDA_SLC_KC", "auto", NULL, NULL, 1, "slc_fwd=kc(bf16,chunked)", NULL, NULL},
     };
     nsa_context *keep = gpu;
     for (size_t v = 0; v < sizeof vars / sizeof vars[0]; v++) {
