@@ -8,7 +8,7 @@
 #   env: SEQ_LENS=8192,16384 REPS=5 NSA_DTYPE=bf16|fp32|both (the bench), GQA_GROUPS="64:64 16:4"
 #        GQA_T=16384 (H:G pairs of the small-group comparison), TESTS=... and
 #        SANITIZE=... (which device tests run, and which run under compute-sanitizer; empty:
-#        none),
+#        none), TEST_TIMEOUT=420 (seconds a device test may run: a hung kernel ends there),
 #        PROFILE=1 PROFILE_T=16384 PROFILE_KERNELS=regex (kernel times by ncu, of the kernels
 #        matching regex when given), PROFILE_DETAIL=regex (ncu's
 #        throughput, occupancy and stall sections for the bf16 kernels matching regex),
@@ -56,7 +56,7 @@ if [ "$what" = all ] || [ "$what" = test ]; then
     for t in ${TESTS-test_wgmma test_cuda test_cuda_bf16}; do
         echo "== $t"
         start=$(date +%s)
-        build/cuda/$t >"$OUT/$t.log" 2>&1 || status=1
+        timeout "${TEST_TIMEOUT:-420}" build/cuda/$t >"$OUT/$t.log" 2>&1 || status=1
         grep -vE "^    " "$OUT/$t.log" | tail -n 40
         grep -E "max rel err|differ" "$OUT/$t.log" | sort -k5 -g | tail -n 3
         echo "$t: $(( $(date +%s) - start )) s"

@@ -105,6 +105,39 @@ static void *dput16(nsa_context *c, const uint16_t *h, size_t n)
     return dput(c, h, n * sizeof(uint16_t));
 }
 
+// After a failed comparison of a [B,T,H,d] output: how many rows are off (max |gpu - cpu|
+// over a row beyond tol times the largest |cpu|), and the first few with their position,
+// head and selection, to tell a kernel's mistake from another's on one device run.
+static void report_bad_rows(const char *what, nsa_context *g, const float *dev, const float *ref,
+                            const attn_case *c, const int32_t *sel)
+{
+    size_t rows = (size_t)c->B * c->T * c->H, n = rows * c->d, bad = 0;
+    float *h = malloc(sizeof(float) * n);
+    dget(g, h, dev, n * sizeof(float));
+    double scale = 1e-30;
+    for (size_t i = 0; i < n; i++)
+        if (isfinite(ref[i]) && fabs(ref[i]) > scale)
+            scale = fabs(ref[i]);
+    for (size_t r = 0; r < rows; r++) {
+        double e = 0.0;
+        for (int j = 0; j < c->d; j++) {
+            double x = fabs((double)h[r * c->d + j] - ref[r * c->d + j]);
+            e = x > e || isnan(x) ? x : e;
+        }
+        if (!(e <= TOL_BF16 * scale) && bad++ < 6) {
+            int hh = (int)(r % c->H), t = (int)(r / c->H % c->T), b = (int)(r / c->H / c->T);
+            const int32_t *row = sel + (((size_t)b * c->T + t) * c->G + hh / (c->H / c->G)) * c->n;
+            fprintf(stderr, "    %s: row b=%d t=%d h=%d off by %.3g (scale %.3g), blocks", what, b,
+                    t, hh, e, scale);
+            for (int i = 0; i < c->n; i++)
+                fprintf(stderr, " %d", (int)row[i]);
+            fprintf(stderr, "\n");
+        }
+    }
+    fprintf(stderr, "    %s: %zu of %zu rows off\n", what, bad, rows);
+    free(h);
+}
+
 static void bf16_case(const attn_case *c)
 {
     nsa__attn_dims dm;
@@ -155,9 +188,11 @@ static void bf16_case(const attn_case *c)
                                    dlse));
     check_kernels(c, c->fixed == NSA_SELECT_FIXED_PAPER && expect_fwd_paper ? expect_fwd_paper
                                                                              : expect_fwd);
-    cmp_dev("bf16 forward out", gpu, dout, out, nq, TOL_BF16);
+    if (!cmp_dev("bf16 forward out", gpu, dout, out, nq, TOL_BF16))
+        report_bad_rows("out", gpu, dout, out, c, idx);
     cmp_dev("bf16 forward o_cmp", gpu, dop, op, nq, TOL_BF16);
-    cmp_dev("bf16 forward o_slc", gpu, dop + nq, op + nq, nq, TOL_BF16);
+    if (!cmp_dev("bf16 forward o_slc", gpu, dop + nq, op + nq, nq, TOL_BF16))
+        report_bad_rows("o_slc", gpu, dop + nq, op + nq, c, idx);
     cmp_dev("bf16 forward o_win", gpu, dop + 2 * nq, op + 2 * nq, nq, TOL_BF16);
     cmp_dev("bf16 forward lse", gpu, dlse, lse, ng, TOL_BF16);
     float *kept = hnan(nq), *infer = hnan(nq);
