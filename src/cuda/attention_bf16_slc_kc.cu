@@ -28,8 +28,9 @@
  * positions, kv head, block) in that order, so the blocks of one chunk of positions run
  * together and their partials are read back while still in L2; the thread block that
  * writes a position's last partial (a counter a position and kv head) merges the position's
- * rows after its tiles (the combine's row merge, partials loaded through L2), and no combine
- * pass runs but for the rows whose selection holds no block. From bytes at 8k (all of K and
+ * rows after its tiles (slc_merge_row_pair, the combine's merge, partials loaded through L2
+ * only), and no combine pass runs but for the rows whose selection holds no block. Lists
+ * are cut into items of 4 tiles, so that the merges spread. From bytes at 8k (all of K and
  * V, 16 MB, in L2): ~3.5 KB of K/V, 4 KB of q and 8 KB of partials a (position, kv head,
  * block), all through L2, against 32 KB for the warp kernel.
  *
