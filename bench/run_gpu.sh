@@ -162,8 +162,9 @@ for line in open(sys.argv[1]):
         continue
     key = (m.group(1), int(m.group(2)))
     f, b = float(m.group(3)), float(m.group(4))
-    o = best.get(key, (float("inf"), float("inf")))
-    best[key] = (min(o[0], f), min(o[1], b))
+    o = best.get(key, (f, b))
+    best[key] = tuple(min(x, y) if x == x and y == y else (x if x == x else y)
+                      for x, y in zip(o, (f, b))) # (nan: none measured)
 sets = list(dict.fromkeys(k[0] for k in best))
 print("== A/B summary (best of the rounds; x: time against the first set)")
 for T in sorted({k[1] for k in best}):

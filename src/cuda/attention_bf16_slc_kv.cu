@@ -366,13 +366,15 @@ nsa_status nsa__cuda_dq_slc_add(nsa_context *ctx, const attn_shape &s, float *dq
     // (a warp a row; bf16: a warp two rows)
     unsigned blocks = nsa__cuda_blocks((fp32 ? rows : (rows + 1) / 2) * 32, 256);
     cudaStream_t st = nsa__cuda_stream(ctx);
-    if (fp32)
+    if (fp32) {
         bf16_dq_slc_add_kernel<float><<<blocks, 256, 0, st>>>(dq, (const float *)part_dq, idx,
                                                               lse3, s);
-    else
+        NSA_CUDA_LAUNCHED("bf16_dq_slc_add_kernel");
+    } else {
         bf16_dq_slc_add_pairs_kernel<<<blocks, 256, 0, st>>>(dq, (const bf16 *)part_dq, idx,
                                                              lse3, s);
-    NSA_CUDA_LAUNCHED("bf16_dq_slc_add_kernel");
+        NSA_CUDA_LAUNCHED("bf16_dq_slc_add_pairs_kernel");
+    }
     return NSA_OK;
 }
 

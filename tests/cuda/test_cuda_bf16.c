@@ -121,20 +121,21 @@ static void report_bad_rows(const char *what, nsa_context *g, const float *dev, 
     for (size_t r = 0; r < rows; r++) {
         double e = 0.0;
         for (int j = 0; j < c->d; j++) {
-            double x = fabs((double)h[r * c->d + j] - ref[r * c->d + j]);
+            float gj = h[r * c->d + j], rj = ref[r * c->d + j];
+            double x = gj == rj ? 0.0 : fabs((double)gj - rj); // (equal infinities: 0)
             e = x > e || isnan(x) ? x : e;
         }
         if (!(e <= TOL_BF16 * scale) && bad++ < 6) {
             int hh = (int)(r % c->H), t = (int)(r / c->H % c->T), b = (int)(r / c->H / c->T);
             const int32_t *row = sel + (((size_t)b * c->T + t) * c->G + hh / (c->H / c->G)) * c->n;
-            fprintf(stderr, "    %s: row b=%d t=%d h=%d off by %.3g (scale %.3g), blocks", what, b,
+            fprintf(stderr, "  rows: %s b=%d t=%d h=%d off by %.3g (scale %.3g), blocks", what, b,
                     t, hh, e, scale);
             for (int i = 0; i < c->n; i++)
                 fprintf(stderr, " %d", (int)row[i]);
             fprintf(stderr, "\n");
         }
     }
-    fprintf(stderr, "    %s: %zu of %zu rows off\n", what, bad, rows);
+    fprintf(stderr, "  rows: %s: %zu of %zu rows off\n", what, bad, rows);
     free(h);
 }
 
