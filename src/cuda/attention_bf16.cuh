@@ -992,15 +992,6 @@ static __device__ __forceinline__ int warp_slot_of(const int32_t *sel, int n, in
     return -1;
 }
 
-// The entries of sel[n] that name a block (>= 0); every lane gets the count.
-static __device__ __forceinline__ int warp_count_valid(const int32_t *sel, int n, int lane)
-{
-    int c = 0;
-    for (int i0 = 0; i0 < n; i0 += 32)
-        c += __popc(__ballot_sync(0xffffffffu, i0 + lane < n && sel[i0 + lane] >= 0));
-    return c;
-}
-
 // Four columns of a partial row as floats. CG: through L2 only (ld.global.cg), for partials
 // other thread blocks wrote during the same kernel (L1 is not coherent).
 template <bool CG> static __device__ __forceinline__ float4 part4(const float *p)
@@ -1343,13 +1334,12 @@ nsa_status nsa__cuda_slc_kv_forward(nsa_context *ctx, const attn_shape &s, void 
 // fp32 when fp32; (row, slot) at row * n + slot (layout 0: fp32 only), or at
 // (((b T + t) G + g) ns + slot) hpg + hh (part_lse the same, part_o times d) with ns = n
 // (layout 1) or n + 1 (layout 2: bf16 only; slot n holds the paper's fixed blocks
-// together, their own slots are not read). Slots with idx < 0 are never read. empty_only
-// (bf16, layout 1): only the rows whose selection holds no block.
+// together, their own slots are not read). Slots with idx < 0 are never read.
 nsa_status nsa__cuda_slc_combine(nsa_context *ctx, const attn_shape &s, float *out,
                                  float *o_slc, float *lse3, const float *o_cmp,
                                  const float *o_win, const float *gates, const void *part_o,
                                  int fp32, int layout, const float *part_lse,
-                                 const int32_t *idx, int empty_only = 0);
+                                 const int32_t *idx);
 // The paper's fixed blocks of every position by the warp-per-position kernel (H/G a multiple
 // of 16, fixed selection, Tq = T): one bf16 partial a row (o normalised, lse) into slot n of
 // part / part_lse, laid out as layout 2 of nsa__cuda_slc_combine (ns = n + 1 slots). idx:

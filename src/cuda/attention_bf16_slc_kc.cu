@@ -29,13 +29,14 @@
  * together and their partials are read back while still in L2; the thread block that
  * writes a position's last partial (a counter a position and kv head) merges the position's
  * rows after its tiles (slc_merge_row_pair, the combine's merge, partials loaded through L2
- * only), and no combine pass runs but for the rows whose selection holds no block. Lists
- * are cut into items of 4 tiles, so that the merges spread. From bytes at 8k (all of K and
- * V, 16 MB, in L2): ~3.5 KB of K/V, 4 KB of q and 8 KB of partials a (position, kv head,
- * block), all through L2, against 32 KB for the warp kernel.
+ * only); no combine pass runs (a small kernel writes the rows whose selection holds no
+ * block). Lists are cut into items of 4 tiles, so that the merges spread. From bytes at 8k
+ * (all of K and V, 16 MB, in L2): ~3.5 KB of K/V, 4 KB of q and 8 KB of partials a
+ * (position, kv head, block), all through L2, against 32 KB for the warp kernel.
  *
- *   bf16_slc_kc_kernel: part_o, part_lse   (then nsa__cuda_slc_combine: out, o_slc, lse3;
- *                       mode 5: out, o_slc, lse3 itself)
+ *   bf16_slc_kc_kernel:    part_o, part_lse   (then nsa__cuda_slc_combine: out, o_slc, lse3;
+ *                          mode 5: out, o_slc, lse3 itself)
+ *   slc_empty_rows_kernel: mode 5's rows without blocks: out, o_slc, lse3
  */
 #include "cuda/attention_bf16.cuh"
 
@@ -190,6 +191,35 @@ __global__ void __launch_bounds__(MMA_THREADS, MINB)
 #endif
 }
 
+// Mode 5's rows whose selection holds no block (no thread block merges them): a thread a
+// (position, kv head) finds them, and writes what the merge would: lse slot 1 -inf, o_slc
+// 0, out = g0 o_cmp + g1 0 + g2 o_win (the same sum as slc_merge_row_half's).
+__global__ void slc_empty_rows_kernel(slc_sum_io io, const int32_t *idx, attn_shape s)
+{
+    size_t n_pos = (size_t)s.B * s.T * s.G;
+    for (size_t pg = blockIdx.x * (size_t)blockDim.x + threadIdx.x; pg < n_pos;
+         pg += (size_t)gridDim.x * blockDim.x) {
+        bool empty = true;
+        for (int i = 0; i < s.n && empty; i++)
+            empty = idx[pg * s.n + i] < 0;
+        if (!empty)
+            continue;
+        size_t row0 = pg / s.G * s.H + pg % s.G * s.hpg; // (b T + t) H + g hpg
+        for (size_t row = row0; row < row0 + s.hpg; row++) {
+            if (io.lse3)
+                io.lse3[row * 3 + 1] = -INFINITY;
+            float g0 = io.gates[row * 3 + 0], g1 = io.gates[row * 3 + 1];
+            float g2 = io.gates[row * 3 + 2];
+            for (int c = 0; c < s.d; c++) {
+                size_t at = row * s.d + c;
+                if (io.o_slc)
+                    io.o_slc[at] = 0.0f;
+                io.out[at] = g0 * io.o_cmp[at] + g1 * 0.0f + g2 * io.o_win[at];
+            }
+        }
+    }
+}
+
 // The scratch of a mode: partial o (bf16; fp32 in mode 2) and lse of ns slots a row (n + 1
 // in mode 4 with the fixed selection, the fixed blocks' partial in slot n), in mode 5 the
 // counters of (position, kv head), then the inverted index's workspace (mode 5: chunks of
@@ -281,8 +311,14 @@ static nsa_status slc_kc_dp(nsa_context *ctx, const attn_shape &s, const kc_part
         p.o, p.lse, k, v, tmq, idx, si.offsets, si.lists, si.item_start, si.item_key, split_pos,
         p.ns, p.counts, nch, io, s);
     NSA_CUDA_LAUNCHED("bf16_slc_kc_kernel");
+    if (MERGE) {
+        size_t n_pos = (size_t)s.B * s.T * s.G;
+        slc_empty_rows_kernel<<<nsa__cuda_blocks(n_pos, 256), 256, 0, st>>>(io, idx, s);
+        NSA_CUDA_LAUNCHED("slc_empty_rows_kernel");
+        return NSA_OK;
+    }
     return nsa__cuda_slc_combine(ctx, s, out, o_slc, lse3, o_cmp, o_win, gates, p.o, PT == 2,
-                                 p.fix ? 2 : 1, p.lse, idx, MERGE);
+                                 p.fix ? 2 : 1, p.lse, idx);
 }
 
 nsa_status nsa__cuda_slc_kc_forward(nsa_context *ctx, const attn_shape &s, int mode,

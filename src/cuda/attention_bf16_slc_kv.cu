@@ -128,29 +128,23 @@ __global__ void __launch_bounds__(MMA_THREADS, 2)
 
 // One warp per row: slc_combine_row (attention_bf16.cuh); bf16 partials (layouts 1 and 2,
 // key blocks outside for H/G a multiple of 16): two rows a warp, slc_merge_row_pair.
-// EMPTY_ONLY: only the rows whose selection holds no block (NSA_CUDA_SLC_KC=5 merges the
-// others as their partials complete).
 // (a warp a row: three blocks a SM, 80 registers, no spills, 24 warps with eight loads each
 // in flight; two rows a warp: two blocks a SM, sixteen 16-byte loads a lane in flight)
-template <class P, int LAYOUT, bool EMPTY_ONLY>
-__global__ void __launch_bounds__(256, sizeof(P) == sizeof(bf16) && !EMPTY_ONLY ? 2 : 3)
+template <class P, int LAYOUT>
+__global__ void __launch_bounds__(256, sizeof(P) == sizeof(bf16) ? 2 : 3)
     bf16_slc_combine_kernel(slc_sum_io io, const P *part_o, const float *part_lse,
                             const int32_t *idx, attn_shape s)
 {
     int lane = threadIdx.x % 32;
     size_t rows = (size_t)s.B * s.T * s.H, nwarps = (size_t)gridDim.x * blockDim.x / 32;
     size_t warp_id = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32;
-    if constexpr (sizeof(P) == sizeof(bf16) && !EMPTY_ONLY) {
+    if constexpr (sizeof(P) == sizeof(bf16)) {
         for (size_t r0 = 2 * warp_id; r0 < rows; r0 += 2 * nwarps)
             slc_merge_row_pair<LAYOUT, true>(r0, rows, [](size_t r) { return r; }, lane, io,
                                              (const bf16 *)part_o, part_lse, idx, s);
     } else {
-        for (size_t row = warp_id; row < rows; row += nwarps) {
-            if (EMPTY_ONLY &&
-                warp_count_valid(idx + (row / s.H * s.G + row % s.H / s.hpg) * s.n, s.n, lane) > 0)
-                continue;
+        for (size_t row = warp_id; row < rows; row += nwarps)
             slc_combine_row<P, LAYOUT, false>(row, lane, io, part_o, part_lse, idx, s);
-        }
     }
 }
 
@@ -158,30 +152,27 @@ nsa_status nsa__cuda_slc_combine(nsa_context *ctx, const attn_shape &s, float *o
                                  float *o_slc, float *lse3, const float *o_cmp,
                                  const float *o_win, const float *gates, const void *part_o,
                                  int fp32, int layout, const float *part_lse,
-                                 const int32_t *idx, int empty_only)
+                                 const int32_t *idx)
 {
     size_t rows = (size_t)s.B * s.T * s.H;
-    // (a warp a row; bf16 but for empty_only: a warp two rows)
-    unsigned blocks = nsa__cuda_blocks((fp32 || empty_only ? rows : (rows + 1) / 2) * 32, 256);
+    // (a warp a row; bf16: a warp two rows)
+    unsigned blocks = nsa__cuda_blocks((fp32 ? rows : (rows + 1) / 2) * 32, 256);
     cudaStream_t st = nsa__cuda_stream(ctx);
     slc_sum_io io = {out, o_slc, lse3, o_cmp, o_win, gates};
-#define COMBINE(P, LAYOUT, EMPTY)                                                             \
-    bf16_slc_combine_kernel<P, LAYOUT, EMPTY>                                                 \
+#define COMBINE(P, LAYOUT)                                                                    \
+    bf16_slc_combine_kernel<P, LAYOUT>                                                        \
         <<<blocks, 256, 0, st>>>(io, (const P *)part_o, part_lse, idx, s)
-    // (the forms in use: fp32 0 and 1, bf16 1 and 2; rows without blocks alone: bf16 1)
-    if ((fp32 ? layout == 2 : layout == 0) || (empty_only && (fp32 || layout != 1)))
-        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda bf16 combine: %s partials in layout %d%s",
-                          fp32 ? "fp32" : "bf16", layout, empty_only ? ", empty rows" : "");
-    if (empty_only)
-        COMBINE(bf16, 1, true);
-    else if (fp32 && layout == 0)
-        COMBINE(float, 0, false);
+    if (fp32 ? layout == 2 : layout == 0) // (the forms in use: fp32 0 and 1, bf16 1 and 2)
+        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda bf16 combine: %s partials in layout %d",
+                          fp32 ? "fp32" : "bf16", layout);
+    if (fp32 && layout == 0)
+        COMBINE(float, 0);
     else if (fp32)
-        COMBINE(float, 1, false);
+        COMBINE(float, 1);
     else if (layout == 2)
-        COMBINE(bf16, 2, false);
+        COMBINE(bf16, 2);
     else
-        COMBINE(bf16, 1, false);
+        COMBINE(bf16, 1);
 #undef COMBINE
     NSA_CUDA_LAUNCHED("bf16_slc_combine_kernel");
     return NSA_OK;
