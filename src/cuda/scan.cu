@@ -1,8 +1,8 @@
 /*
  * scan.cu — exclusive prefix sums of int arrays on the device (CUB's single-pass scan),
  * for index builds too large for one thread block's scan (the chunked selection index of
- * attention_bf16_slc_kc.cu). In a file of its own: CUB's headers change how nvcc compiles
- * the kernels of a file that includes them.
+ * attention_bf16_slc_kc.cu). In a file of its own: CUB's headers are heavy to compile, and
+ * the other files' kernels stay as they were.
  */
 #include "cuda/attention.cuh"
 
