@@ -34,7 +34,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 nvcc --version | tail -n 1
 
 # OpenBLAS (the CPU backend, the reference of the test) when the machine has none: a copy
-# carried in .deps/ (include/cblas.h, lib/libopenblas.so*).
+# carried in .deps/ (include/cblas.h, lib/libopenblas.so*; bench/carry_deps.sh makes it).
 if ! printf '#include <cblas.h>\n' | cc -E -x c - >/dev/null 2>&1 && [ -d .deps ]; then
     echo "using the OpenBLAS carried in .deps/"
     export CPATH=$PWD/.deps/include${CPATH:+:$CPATH}
