@@ -699,8 +699,7 @@ nsa_status nsa__cuda_attn_simple_backward(nsa_context *ctx, const attn_shape &s,
 // dst[i] = src[0] + ... + src[i - 1] for i < n (scan.cu); ws holds nsa__cuda_scan_ws_bytes(n)
 // bytes (0: n too large).
 size_t nsa__cuda_scan_ws_bytes(size_t n);
-nsa_status nsa__cuda_scan_ints(nsa_context *ctx, int *dst, const int *src, size_t n, void *ws,
-                               size_t ws_bytes);
+nsa_status nsa__cuda_scan_ints(nsa_context *ctx, int *dst, const int *src, size_t n, void *ws);
 typedef struct sel_index {
     const int *offsets, *lists, *item_start;
     const int *item_key; // (chunked: the key of each item; NULL otherwise)

@@ -549,19 +549,17 @@ nsa_status nsa__cuda_sel_lists(nsa_context *ctx, const attn_shape &s, const int3
     // (the chunked index has B T / chunk times as many keys: a device-wide scan)
     auto scan = [&](int *dst, const int *src) -> nsa_status { // dst[0 .. n_keys] (src[n_keys] = 0)
         if (chunk > 0)
-            return nsa__cuda_scan_ints(ctx, dst, src, n_keys + 1, ws + sel_scan_at(s, chunk),
-                                       nsa__cuda_scan_ws_bytes(n_keys + 1));
+            return nsa__cuda_scan_ints(ctx, dst, src, n_keys + 1, ws + sel_scan_at(s, chunk));
         sel_scan_kernel<<<1, 1024, 0, st>>>(dst, cursor, src, (int)n_keys);
         NSA_CUDA_LAUNCHED("sel_scan_kernel");
         return NSA_OK;
     };
     NSA_TRY(scan(offsets, counts));
-    if (chunk > 0)
+    if (chunk > 0) {
         NSA_CUDA_TRY(cudaMemcpyAsync(cursor, offsets, n_keys * sizeof(int),
                                      cudaMemcpyDeviceToDevice, st));
-    if (chunk > 0)
         sel_fill_kernel<true><<<eblocks, 256, 0, st>>>(lists, cursor, idx, s, skip_fixed, chunk);
-    else
+    } else
         sel_fill_kernel<false><<<eblocks, 256, 0, st>>>(lists, cursor, idx, s, skip_fixed, 0);
     NSA_CUDA_LAUNCHED("sel_fill_kernel");
     sel_items_kernel<<<nsa__cuda_blocks(n_keys, 256), 256, 0, st>>>(items, counts, (int)n_keys,

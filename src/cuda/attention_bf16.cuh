@@ -1018,6 +1018,26 @@ struct slc_sum_io {
     const float *o_cmp, *o_win, *gates;
 };
 
+// Four columns of the gated sum g0 oc + g1 os + g2 ow.
+static __device__ __forceinline__ float4 gated_sum4(float g0, float g1, float g2, float4 oc,
+                                                    float4 os, float4 ow)
+{
+    return make_float4(g0 * oc.x + g1 * os.x + g2 * ow.x, g0 * oc.y + g1 * os.y + g2 * ow.y,
+                       g0 * oc.z + g1 * os.z + g2 * ow.z, g0 * oc.w + g1 * os.w + g2 * ow.w);
+}
+
+// acc[0 .. 8) += w x, x eight bf16 columns in 16 bytes.
+static __device__ __forceinline__ void add_bf16x8(float (&acc)[8], uint4 x, float w)
+{
+    const uint32_t xs[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&xs[j]));
+        acc[2 * j] += w * f.x;
+        acc[2 * j + 1] += w * f.y;
+    }
+}
+
 // Half a warp (lanes 16 hw .. 16 hw + 15) merges row `row` (when active; every lane of the
 // warp calls it, the shuffles stay within each half) as slc_combine_row does, for bf16
 // partials in layout 1 or 2 (ns = n or n + 1 <= 32 slots), loaded through L2 only: 8
@@ -1089,15 +1109,8 @@ static __device__ __forceinline__ bool slc_merge_row_half(size_t row, bool activ
 #pragma unroll
     for (int u = 0; u < 16; u++) { // in slot order
         float wu = __shfl_sync(0xffffffffu, w, hbase + u);
-        if (wu != 0.0f) {
-            const uint32_t xs[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&xs[j]));
-                acc[2 * j] += wu * f.x;
-                acc[2 * j + 1] += wu * f.y;
-            }
-        }
+        if (wu != 0.0f)
+            add_bf16x8(acc, x[u], wu);
     }
     if (active && hl == 0 && io.lse3)
         io.lse3[row * 3 + 1] = lse;
@@ -1109,12 +1122,8 @@ static __device__ __forceinline__ bool slc_merge_row_half(size_t row, bool activ
         *reinterpret_cast<float4 *>(io.o_slc + at) = a0;
         *reinterpret_cast<float4 *>(io.o_slc + at + 4) = a1;
     }
-    *reinterpret_cast<float4 *>(io.out + at) =
-        make_float4(g0 * oc0.x + g1 * a0.x + g2 * ow0.x, g0 * oc0.y + g1 * a0.y + g2 * ow0.y,
-                    g0 * oc0.z + g1 * a0.z + g2 * ow0.z, g0 * oc0.w + g1 * a0.w + g2 * ow0.w);
-    *reinterpret_cast<float4 *>(io.out + at + 4) =
-        make_float4(g0 * oc1.x + g1 * a1.x + g2 * ow1.x, g0 * oc1.y + g1 * a1.y + g2 * ow1.y,
-                    g0 * oc1.z + g1 * a1.z + g2 * ow1.z, g0 * oc1.w + g1 * a1.w + g2 * ow1.w);
+    *reinterpret_cast<float4 *>(io.out + at) = gated_sum4(g0, g1, g2, oc0, a0, ow0);
+    *reinterpret_cast<float4 *>(io.out + at + 4) = gated_sum4(g0, g1, g2, oc1, a1, ow1);
     return true;
 }
 
@@ -1197,9 +1206,7 @@ static __device__ __forceinline__ void slc_combine_row(size_t row, int lane, con
             *reinterpret_cast<float4 *>(io.o_slc + at) = acc;
         float4 oc = *reinterpret_cast<const float4 *>(io.o_cmp + at);
         float4 ow = *reinterpret_cast<const float4 *>(io.o_win + at);
-        *reinterpret_cast<float4 *>(io.out + at) =
-            make_float4(g0 * oc.x + g1 * acc.x + g2 * ow.x, g0 * oc.y + g1 * acc.y + g2 * ow.y,
-                        g0 * oc.z + g1 * acc.z + g2 * ow.z, g0 * oc.w + g1 * acc.w + g2 * ow.w);
+        *reinterpret_cast<float4 *>(io.out + at) = gated_sum4(g0, g1, g2, oc, acc, ow);
     }
 }
 
@@ -1220,7 +1227,6 @@ static __device__ __forceinline__ void slc_merge_row_pair(size_t e0, size_t nrow
     for (size_t r = e0; r < e0 + 2 && r < nrows; r++)
         slc_combine_row<bf16, LAYOUT, CG>(row_of(r), lane, io, part_o, part_lse, idx, s);
 }
-
 
 // Stores the 16 rows row0 .. row0 + 15 of an m-tile's o (C fragments, DP columns) as fp32
 // into dst rows ([rows][d]); t[r] < 0 marks rows past the end, row[r] their index.

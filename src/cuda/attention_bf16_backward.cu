@@ -513,7 +513,7 @@ struct dkv_maps {
 // DQP (the selected path, sm_90a, TMA, one block a work item): the tile's dq as well, one
 // partial a (row, block), dq_part = scale dS K in bf16 (DQP 1) or fp32 (2) at part_dq
 // [rows, n, d] (slot = the block's place in the row's selection), summed into dq after
-// (bf16_dq_slc_add_kernel).
+// (nsa__cuda_dq_slc_add).
 // dS goes through shared memory as a [row][key] tile (the A operand; the accumulators hold
 // dS^T), K is the B operand as it is (keys x d, N contiguous). This replaces the
 // query-centric dq pass, which reads each position's blocks of K and V again.

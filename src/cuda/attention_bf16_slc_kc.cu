@@ -283,8 +283,8 @@ nsa_status nsa__cuda_slc_kc_fixed(nsa_context *ctx, const attn_shape &s, int mod
 }
 
 // The blocks outside the fixed ones (all of them, but in mode 4 with the fixed selection)
-// by key blocks outside, then the combine (MERGE: the kernel merges; the combine takes the
-// rows without blocks).
+// by key blocks outside, then the combine (MERGE: the kernel merges, and
+// slc_empty_rows_kernel writes the rows without blocks).
 template <int DP, int ST, int MINB, int PT, bool MERGE>
 static nsa_status slc_kc_dp(nsa_context *ctx, const attn_shape &s, const kc_parts &p,
                             float *out, float *o_slc, float *lse3, const float *o_cmp,

@@ -307,15 +307,8 @@ static __device__ __forceinline__ bool dq_add_row_half(float *dq, const bf16 *pa
     *reinterpret_cast<float4 *>(acc + 4) = *reinterpret_cast<const float4 *>(dq + at + 4);
 #pragma unroll
     for (int u = 0; u < 16; u++) // in slot order
-        if (used >> u & 1u) {
-            const uint32_t xs[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&xs[j]));
-                acc[2 * j] += f.x;
-                acc[2 * j + 1] += f.y;
-            }
-        }
+        if (used >> u & 1u)
+            add_bf16x8(acc, x[u], 1.0f);
     *reinterpret_cast<float4 *>(dq + at) = *reinterpret_cast<const float4 *>(acc);
     *reinterpret_cast<float4 *>(dq + at + 4) = *reinterpret_cast<const float4 *>(acc + 4);
     return true;

@@ -20,14 +20,12 @@ size_t nsa__cuda_scan_ws_bytes(size_t n)
     return bytes;
 }
 
-nsa_status nsa__cuda_scan_ints(nsa_context *ctx, int *dst, const int *src, size_t n, void *ws,
-                               size_t ws_bytes)
+nsa_status nsa__cuda_scan_ints(nsa_context *ctx, int *dst, const int *src, size_t n, void *ws)
 {
-    size_t need = nsa__cuda_scan_ws_bytes(n);
-    if (n > (size_t)INT32_MAX || need == 0 || ws_bytes < need)
-        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda scan of %zu ints: workspace %zu of %zu bytes",
-                          n, ws_bytes, need);
-    NSA_CUDA_TRY(cub::DeviceScan::ExclusiveSum(ws, ws_bytes, src, dst, (int)n,
+    size_t bytes = nsa__cuda_scan_ws_bytes(n);
+    if (bytes == 0)
+        return nsa__error(NSA_ERR_UNSUPPORTED, "cuda scan of %zu ints: too many", n);
+    NSA_CUDA_TRY(cub::DeviceScan::ExclusiveSum(ws, bytes, src, dst, (int)n,
                                                nsa__cuda_stream(ctx)));
     NSA_CUDA_LAUNCHED("cub::DeviceScan::ExclusiveSum");
     return NSA_OK;

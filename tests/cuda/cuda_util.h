@@ -81,25 +81,35 @@ static inline void dfree(nsa_context *c, void *d)
         c->ops->free(c, d);
 }
 
-// max |got - ref| / max(max |ref|, floor); equal infinities count as 0, NaN as infinite.
-static inline double rel_err_floor(const float *got, const float *ref, size_t n, double floor,
-                            size_t *worst_i)
+// max(max |ref| over its finite values, floor), 1e-30 for 0: the scale of relative errors.
+static inline double ref_scale(const float *ref, size_t n, double floor)
 {
-    double scale = floor, worst = 0.0;
-    *worst_i = 0;
+    double scale = floor;
     for (size_t i = 0; i < n; i++)
         if (isfinite(ref[i]) && fabs(ref[i]) > scale)
             scale = fabs(ref[i]);
-    if (scale == 0.0)
-        scale = 1e-30;
+    return scale == 0.0 ? 1e-30 : scale;
+}
+
+// |got - ref|; equal infinities count as 0, NaN as infinite.
+static inline double abs_err(float got, float ref)
+{
+    double e;
+    if (isinf(ref) || isinf(got))
+        e = got == ref ? 0.0 : INFINITY;
+    else
+        e = fabs((double)got - ref);
+    return isnan(e) || isnan(got) ? INFINITY : e;
+}
+
+// max |got - ref| / ref_scale(ref, n, floor) (abs_err's rules).
+static inline double rel_err_floor(const float *got, const float *ref, size_t n, double floor,
+                            size_t *worst_i)
+{
+    double scale = ref_scale(ref, n, floor), worst = 0.0;
+    *worst_i = 0;
     for (size_t i = 0; i < n; i++) {
-        double e;
-        if (isinf(ref[i]) || isinf(got[i]))
-            e = got[i] == ref[i] ? 0.0 : INFINITY;
-        else
-            e = fabs((double)got[i] - ref[i]);
-        if (isnan(e) || isnan(got[i]))
-            e = INFINITY;
+        double e = abs_err(got[i], ref[i]);
         if (e > worst) {
             worst = e;
             *worst_i = i;

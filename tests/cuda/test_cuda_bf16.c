@@ -114,17 +114,11 @@ static void report_bad_rows(const char *what, nsa_context *g, const float *dev, 
     size_t rows = (size_t)c->B * c->T * c->H, n = rows * c->d, bad = 0;
     float *h = malloc(sizeof(float) * n);
     dget(g, h, dev, n * sizeof(float));
-    double scale = 1e-30;
-    for (size_t i = 0; i < n; i++)
-        if (isfinite(ref[i]) && fabs(ref[i]) > scale)
-            scale = fabs(ref[i]);
+    double scale = ref_scale(ref, n, 0.0);
     for (size_t r = 0; r < rows; r++) {
         double e = 0.0;
-        for (int j = 0; j < c->d; j++) {
-            float gj = h[r * c->d + j], rj = ref[r * c->d + j];
-            double x = gj == rj ? 0.0 : fabs((double)gj - rj); // (equal infinities: 0)
-            e = x > e || isnan(x) ? x : e;
-        }
+        for (int j = 0; j < c->d; j++)
+            e = fmax(e, abs_err(h[r * c->d + j], ref[r * c->d + j]));
         if (!(e <= TOL_BF16 * scale) && bad++ < 6) {
             int hh = (int)(r % c->H), t = (int)(r / c->H % c->T), b = (int)(r / c->H / c->T);
             const int32_t *row = sel + (((size_t)b * c->T + t) * c->G + hh / (c->H / c->G)) * c->n;
