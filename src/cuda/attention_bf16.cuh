@@ -1038,6 +1038,16 @@ static __device__ __forceinline__ void add_bf16x8(float (&acc)[8], uint4 x, floa
     }
 }
 
+// Whether slot i (< ns) of a position's selected-path partials was written (sel: the
+// position's selection, t the position, b the block size): a block's own slot when it is one
+// (>= 0), but in LAYOUT 2 for the paper's fixed blocks, whose partial is slot n together.
+template <int LAYOUT>
+static __device__ __forceinline__ bool slot_written(const int32_t *sel, int i, int n, int t,
+                                                    int b)
+{
+    return i == n || (sel[i] >= 0 && (LAYOUT != 2 || !paper_fixed(sel[i], t, b)));
+}
+
 // Half a warp (lanes 16 hw .. 16 hw + 15) merges row `row` (when active; every lane of the
 // warp calls it, the shuffles stay within each half) as slc_combine_row does, for bf16
 // partials in layout 1 or 2 (ns = n or n + 1 <= 32 slots), loaded through L2 only: 8
@@ -1062,8 +1072,7 @@ static __device__ __forceinline__ bool slc_merge_row_half(size_t row, bool activ
     size_t base = pos * ns * s.hpg + h % s.hpg; // slot i: base + i * hpg
     const int32_t *sel = idx + pos * s.n;
     auto used = [&](int i) {
-        return active && i < ns &&
-               (i == s.n || (sel[i] >= 0 && (LAYOUT != 2 || !paper_fixed(sel[i], t, s.b))));
+        return active && i < ns && slot_written<LAYOUT>(sel, i, s.n, t, s.b);
     };
     // the half's used slots (bit i: slot i), then slot_of[u]: the u-th of them, in order
     unsigned lo = __ballot_sync(0xffffffffu, used(hl)), hi = __ballot_sync(0xffffffffu, used(hl + 16));
@@ -1147,9 +1156,7 @@ static __device__ __forceinline__ void slc_combine_row(size_t row, int lane, con
     int ns = s.n + (LAYOUT == 2), t = (int)(bt % s.T);
     size_t base = LAYOUT ? (bt * s.G + h / s.hpg) * ns * s.hpg + h % s.hpg : row * s.n;
     size_t sstride = LAYOUT ? (size_t)s.hpg : 1;
-    auto used = [&](int i) {
-        return i == s.n || (sel[i] >= 0 && (LAYOUT != 2 || !paper_fixed(sel[i], t, s.b)));
-    };
+    auto used = [&](int i) { return slot_written<LAYOUT>(sel, i, s.n, t, s.b); };
     float mx = -INFINITY;
     for (int i = lane; i < ns; i += 32)
         if (used(i))

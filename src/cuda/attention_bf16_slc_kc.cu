@@ -170,8 +170,8 @@ __global__ void __launch_bounds__(MMA_THREADS, MINB)
         for (int p = threadIdx.x; p < npos; p += MMA_THREADS) {
             int t = w.list[p], nvalid = 0;
             const int32_t *sel = idx + (((size_t)b * s.T + t) * s.G + g) * s.n;
-            for (int i = 0; i < s.n; i++)
-                nvalid += sel[i] >= 0;
+            for (int i = 0; i < s.n; i++) // (the partials the merge will read)
+                nvalid += slot_written<1>(sel, i, s.n, t, s.b);
             if (atomicAdd(counts + ((size_t)b * s.T + t) * s.G + g, 1) == nvalid - 1) {
                 __threadfence(); // (the other blocks' partials before the merge reads them)
                 mlist[atomicAdd(mcount, 1)] = t;
